@@ -1,0 +1,163 @@
+"""The whole BrokerError tree: one class per machine code, each with its HTTP status.
+
+Every refusal the broker makes is one of these, rendered by one handler as
+``{"error": {"code", "message", "call_id"}}``; the SDK maps the code back to the class.
+Foreign exceptions (hvac, SQLAlchemy, aiohttp, casbin) are translated once, at their adapter.
+
+    BrokerError (500 internal_error)
+    ├── InvalidRequest (400 invalid_request)
+    ├── Unauthenticated (401 unauthenticated)
+    ├── BudgetExhausted (402 budget_exhausted)
+    ├── Forbidden (403 forbidden)
+    │   ├── PolicyDenied (403 policy_denied)
+    │   └── EgressDenied (403 egress_denied)
+    ├── NotFound (404 not_found)
+    │   └── CapabilityNotFound (404 capability_not_found)
+    ├── Conflict (409 conflict)
+    ├── RequestTooLarge (413 request_too_large)
+    ├── Unprocessable (422 unprocessable)
+    │   ├── InvalidArguments (422 invalid_arguments)
+    │   └── InvalidManifest (422 invalid_manifest)
+    ├── RateLimited (429 rate_limited)
+    ├── UpstreamError (502 upstream_error)
+    │   └── UpstreamResponseTooLarge (502 upstream_response_too_large)
+    ├── Unavailable (503 unavailable)
+    │   ├── AuditUnavailable (503 audit_unavailable)
+    │   ├── SecretUnavailable (503 secret_unavailable)
+    │   └── StorageUnavailable (503 storage_unavailable)
+    └── UpstreamTimeout (504 upstream_timeout)
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class BrokerError(Exception):
+    """Base of every error the broker reports to a client."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    default_message: ClassVar[str] = "internal error"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        call_id: str | None = None,
+        headers: dict[str, str] | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        self.message = message or self.default_message
+        self.call_id = call_id
+        self.headers = headers or {}
+        self.details = details or {}
+        super().__init__(self.message)
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.code, "message": self.message, "call_id": self.call_id}
+        body.update(self.details)
+        return {"error": body}
+
+
+class InvalidRequest(BrokerError):
+    status, code, default_message = 400, "invalid_request", "the request is malformed"
+
+
+class Unauthenticated(BrokerError):
+    status, code, default_message = 401, "unauthenticated", "a valid broker token is required"
+
+
+class BudgetExhausted(BrokerError):
+    status, code, default_message = 402, "budget_exhausted", "the budget is exhausted"
+
+
+class Forbidden(BrokerError):
+    status, code, default_message = 403, "forbidden", "not allowed"
+
+
+class PolicyDenied(Forbidden):
+    code, default_message = "policy_denied", "the policy does not allow this call"
+
+
+class EgressDenied(Forbidden):
+    code, default_message = "egress_denied", "the upstream address is not allowed"
+
+
+class NotFound(BrokerError):
+    status, code, default_message = 404, "not_found", "not found"
+
+
+class CapabilityNotFound(NotFound):
+    code, default_message = "capability_not_found", "no such capability"
+
+
+class Conflict(BrokerError):
+    status, code, default_message = 409, "conflict", "conflict with the current state"
+
+
+class RequestTooLarge(BrokerError):
+    status, code, default_message = 413, "request_too_large", "the request body is too large"
+
+
+class Unprocessable(BrokerError):
+    status, code, default_message = 422, "unprocessable", "the request cannot be processed"
+
+
+class InvalidArguments(Unprocessable):
+    code, default_message = "invalid_arguments", "the arguments do not match the capability"
+
+
+class InvalidManifest(Unprocessable):
+    code, default_message = "invalid_manifest", "the capability manifest is invalid"
+
+
+class RateLimited(BrokerError):
+    status, code, default_message = 429, "rate_limited", "too many calls"
+
+
+class UpstreamError(BrokerError):
+    status, code, default_message = 502, "upstream_error", "the upstream call failed"
+
+
+class UpstreamResponseTooLarge(UpstreamError):
+    code, default_message = "upstream_response_too_large", "the upstream response is too large"
+
+
+class Unavailable(BrokerError):
+    status, code, default_message = 503, "unavailable", "temporarily unavailable"
+
+
+class AuditUnavailable(Unavailable):
+    code, default_message = "audit_unavailable", "the audit log cannot be written; nothing executed"
+
+
+class SecretUnavailable(Unavailable):
+    code, default_message = "secret_unavailable", "a required secret is unavailable"
+
+
+class StorageUnavailable(Unavailable):
+    code, default_message = "storage_unavailable", "the broker's storage is unavailable"
+
+
+class UpstreamTimeout(BrokerError):
+    status, code, default_message = 504, "upstream_timeout", "the upstream call hit its deadline"
+
+
+def all_error_classes() -> list[type[BrokerError]]:
+    """Every class of the tree, the base included (for the SDK's code table and tests)."""
+    seen: list[type[BrokerError]] = []
+    stack: list[type[BrokerError]] = [BrokerError]
+    while stack:
+        cls = stack.pop()
+        seen.append(cls)
+        stack.extend(cls.__subclasses__())
+    return seen
+
+
+def error_class_for(code: str) -> type[BrokerError]:
+    """Map a machine code back to its class (unknown codes map to the base)."""
+    for cls in all_error_classes():
+        if cls.code == code:
+            return cls
+    return BrokerError

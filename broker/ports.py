@@ -1,0 +1,234 @@
+"""The small Protocols the core (service.py) depends on, and the plain values they exchange.
+
+Adapters implement these: vault.py (SecretStore), upstream.py (Upstream), policy.py
+(PolicyEngine), identity.py (Directory), registry.py (CapabilityRegistry), rulebook.py
+(Rulebook), audit.py (AuditLog). Only bootstrap.py builds them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from broker.capabilities import Capability
+
+# --- values -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: an authenticated agent."""
+
+    agent_id: str
+    name: str
+    roles: tuple[str, ...] = ()
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    token_id: str | None = None
+
+    @property
+    def subject(self) -> str:
+        return f"agent:{self.agent_id}"
+
+
+@dataclass(frozen=True)
+class SecretValue:
+    """One secret read from the store. ``value`` never leaves the broker."""
+
+    mount: str
+    path: str
+    key: str
+    value: str
+    version: int | None = None
+
+    def reference(self) -> dict[str, Any]:
+        """What may be recorded about the secret: where and which version, never the value."""
+        return {"mount": self.mount, "path": self.path, "key": self.key, "version": self.version}
+
+
+@dataclass(frozen=True)
+class OutgoingRequest:
+    """A fully rendered upstream request."""
+
+    method: str
+    url: str
+    headers: Sequence[tuple[str, str]]
+    body: bytes | None = None
+
+
+@dataclass(frozen=True)
+class UpstreamResponse:
+    status: int
+    headers: Sequence[tuple[str, str]]
+    body: bytes
+
+    @property
+    def content_type(self) -> str:
+        for name, value in self.headers:
+            if name.lower() == "content-type":
+                return value
+        return ""
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    rule: str | None  # id of the deciding rule; None when no rule matched (default deny)
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One policy line: subject may (or may not) do action on object."""
+
+    id: str
+    subject: str  # agent:<id> | role:<name>
+    object: str  # capability name or glob, e.g. github.*
+    action: str  # invoke | capabilities.write | ...
+    effect: str  # allow | deny
+    condition: str | None = None
+    source: str = "api"  # api | file | builtin
+
+
+@dataclass(frozen=True)
+class Grant:
+    """subject (agent:<id> or role:<name>) holds role:<name>."""
+
+    subject: str
+    role: str
+
+
+@dataclass(frozen=True)
+class AgentRecord:
+    id: str
+    name: str
+    roles: tuple[str, ...]
+    attributes: Mapping[str, str]
+    disabled: bool
+    created_at: str
+    tokens: tuple[dict[str, Any], ...] = ()
+
+
+@dataclass
+class AuditEvent:
+    """One audit record as the core hands it over; audit.py adds seq, time and the chain."""
+
+    kind: str
+    call_id: str | None = None
+    agent_id: str | None = None
+    capability: str | None = None
+    capability_version: int | None = None
+    decision: str | None = None  # allow | deny
+    rule: str | None = None
+    reason: str | None = None  # machine code of a refusal or failure
+    status: str | None = None  # succeeded | upstream_error | failed
+    args: Any = None
+    secrets: list[dict[str, Any]] = field(default_factory=list)
+    upstream_status: int | None = None
+    latency_ms: float | None = None
+    cost: float | None = None
+    task_id: str | None = None
+    trace_id: str | None = None
+    idempotency_key: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AuditQuery:
+    agent: str | None = None
+    capability: str | None = None
+    kind: str | None = None
+    decision: str | None = None
+    since: str | None = None
+    until: str | None = None
+    call_id: str | None = None
+    task_id: str | None = None
+    limit: int = 100
+    cursor: str | None = None
+
+
+# --- ports --------------------------------------------------------------------------------
+
+
+class SecretStore(Protocol):
+    async def read(self, mount: str, path: str, key: str) -> SecretValue:
+        """The current value; raises SecretUnavailable (never returns an empty credential)."""
+
+    async def ready(self) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+class Upstream(Protocol):
+    async def send(
+        self, request: OutgoingRequest, *, timeout: float, max_bytes: int
+    ) -> UpstreamResponse:
+        """Send once, follow no redirect; raises EgressDenied, UpstreamTimeout, UpstreamError."""
+
+    async def close(self) -> None: ...
+
+
+class PolicyEngine(Protocol):
+    def load(self, rules: Sequence[Rule], grants: Sequence[Grant]) -> None:
+        """Replace the whole policy atomically (decisions see the old or the new, never a mix)."""
+
+    def decide(self, subject: str, obj: str, action: str) -> Decision: ...
+
+    def roles_of(self, subject: str) -> list[str]: ...
+
+
+class CapabilityRegistry(Protocol):
+    async def put(self, cap: Capability) -> Capability:
+        """Store (insert or replace; the version goes up on replace) and return what was stored."""
+
+    async def get(self, name: str) -> Capability | None: ...
+
+    async def list(self) -> list[Capability]: ...
+
+    async def delete(self, name: str) -> bool: ...
+
+
+class Rulebook(Protocol):
+    async def add(self, rule: Rule) -> Rule: ...
+
+    async def delete(self, rule_id: str) -> bool: ...
+
+    async def list(self) -> list[Rule]: ...
+
+
+class Directory(Protocol):
+    """Agents, their tokens and their role grants."""
+
+    async def create_agent(
+        self, agent_id: str, name: str, attributes: Mapping[str, str]
+    ) -> AgentRecord: ...
+
+    async def get_agent(self, agent_id: str) -> AgentRecord | None: ...
+
+    async def list_agents(self) -> list[AgentRecord]: ...
+
+    async def set_disabled(self, agent_id: str, disabled: bool) -> bool: ...
+
+    async def add_token(self, agent_id: str, token_id: str, token_hash: str) -> None: ...
+
+    async def revoke_token(self, agent_id: str, token_id: str) -> bool: ...
+
+    async def revoke_all_tokens(self, agent_id: str) -> int: ...
+
+    async def find_token(self, token_hash: str) -> tuple[AgentRecord, str] | None:
+        """(agent, token_id) for a live token of an enabled agent, else None."""
+
+    async def grant(self, subject: str, role: str) -> bool: ...
+
+    async def revoke(self, subject: str, role: str) -> bool: ...
+
+    async def grants(self) -> list[Grant]: ...
+
+
+class AuditLog(Protocol):
+    async def append(self, event: AuditEvent) -> int:
+        """Durably store the event and return its seq; raises AuditUnavailable."""
+
+    async def query(self, q: AuditQuery) -> tuple[list[dict[str, Any]], str | None]: ...
+
+    async def ready(self) -> bool: ...

@@ -1,0 +1,8 @@
+"""Shared fixtures live in tests/support/*; each module there is a pytest plugin."""
+
+from __future__ import annotations
+
+pytest_plugins = [
+    "tests.support.openbao",
+    "tests.support.upstreams",
+]
