@@ -1,0 +1,95 @@
+"""Redaction: removes the secret values injected into one call from whatever leaves the broker.
+
+An upstream may echo a credential back in a transformed shape (a Basic auth header in base64,
+a URL in percent-encoding, a JSON string with escapes), so each secret value is expanded into
+the forms it is likely to take and all of them are replaced by one placeholder.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import quote, quote_plus
+
+PLACEHOLDER = "[REDACTED]"
+# Below this length the inner part of an embedded base64 form is a handful of characters that
+# would match ordinary text far too often; such secrets are still redacted in their other forms.
+MIN_EMBEDDED_LEN = 4
+
+
+class Redactor:
+    """Replaces every known form of the given secret values by a placeholder."""
+
+    def __init__(self, values: Iterable[str], placeholder: str = PLACEHOLDER) -> None:
+        self.placeholder = placeholder
+        patterns = sorted({p for v in values if v for p in secret_forms(v)}, key=len, reverse=True)
+        self._text: re.Pattern[str] | None = None
+        self._bytes: re.Pattern[bytes] | None = None
+        if patterns:
+            self._text = re.compile("|".join(re.escape(p) for p in patterns))
+            self._bytes = re.compile(b"|".join(re.escape(p.encode()) for p in patterns))
+
+    def redact_text(self, s: str) -> str:
+        return self._text.sub(self.placeholder, s) if self._text else s
+
+    def redact_bytes(self, b: bytes) -> bytes:
+        return self._bytes.sub(self.placeholder.encode(), b) if self._bytes else b
+
+    def contains_secret(self, s: str | bytes) -> bool:
+        if isinstance(s, bytes):
+            return bool(self._bytes and self._bytes.search(s))
+        return bool(self._text and self._text.search(s))
+
+    def redact(self, obj: Any) -> Any:
+        """Redact strings anywhere in a JSON-like structure, dict keys included."""
+        if isinstance(obj, str):
+            return self.redact_text(obj)
+        if isinstance(obj, bytes):
+            return self.redact_bytes(obj)
+        if isinstance(obj, dict):
+            return {self.redact(k): self.redact(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [self.redact(item) for item in obj]
+        if isinstance(obj, tuple):
+            return tuple(self.redact(item) for item in obj)
+        return obj
+
+
+def secret_forms(value: str) -> set[str]:
+    """The shapes a secret value may take on the wire (the raw value included)."""
+    forms = {value, quote(value, safe=""), quote_plus(value), quote(value)}
+    forms.add(json.dumps(value)[1:-1])
+    forms.add(json.dumps(value, ensure_ascii=False)[1:-1])
+    raw = value.encode()
+    forms.update(_base64_forms(raw))
+    if len(value) >= MIN_EMBEDDED_LEN:
+        forms.update(_embedded_base64_forms(raw))
+    forms.discard("")
+    return forms
+
+
+def _both_alphabets(encoded: str) -> set[str]:
+    return {encoded, encoded.replace("+", "-").replace("/", "_")}
+
+
+def _base64_forms(raw: bytes) -> set[str]:
+    padded = base64.b64encode(raw).decode()
+    return _both_alphabets(padded) | _both_alphabets(padded.rstrip("="))
+
+
+def _embedded_base64_forms(raw: bytes) -> set[str]:
+    """The base64 characters that depend only on the secret, at each of the 3 byte alignments.
+
+    Inside a larger blob (e.g. base64("user:" + token)) the characters at both ends of the
+    secret also carry bits of its neighbours, so only the characters fully inside it are stable.
+    """
+    forms: set[str] = set()
+    for offset in range(3):
+        encoded = base64.b64encode(b"\0" * offset + raw).decode()
+        start = -(-8 * offset // 6)  # first character with no prefix bits
+        end = 8 * (offset + len(raw)) // 6  # characters after this one carry suffix bits
+        forms |= _both_alphabets(encoded[start:end])
+    return forms
