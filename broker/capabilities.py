@@ -8,6 +8,7 @@ the agent's arguments only fill declared slots (see ``render.py``).
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, Literal
 
 import jsonschema
@@ -276,3 +277,28 @@ def parse_manifest(data: Any) -> Capability:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(root)"
         raise InvalidManifest(f"{where}: {_short(str(first['msg']))}") from None
+
+
+def load_manifest_files(path: str | Path) -> list[tuple[Path, Any]]:
+    """Read one YAML/JSON manifest file, or every *.yaml/*.yml/*.json file under a directory.
+
+    A file may hold several YAML documents. Returns (file, data) pairs; parsing the data into
+    a Capability is left to the caller so that errors can name the file.
+    """
+    import yaml
+
+    root = Path(path)
+    if root.is_dir():
+        files = sorted(p for p in root.rglob("*") if p.suffix in (".yaml", ".yml", ".json"))
+    elif root.is_file():
+        files = [root]
+    else:
+        raise FileNotFoundError(f"no such file or directory: {root}")
+    out: list[tuple[Path, Any]] = []
+    for file in files:
+        try:
+            docs = list(yaml.safe_load_all(file.read_text(encoding="utf-8")))
+        except yaml.YAMLError as exc:
+            raise InvalidManifest(f"{file}: not valid YAML: {exc}") from None
+        out.extend((file, doc) for doc in docs if doc is not None)
+    return out

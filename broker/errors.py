@@ -52,6 +52,8 @@ class BrokerError(Exception):
         self.call_id = call_id
         self.headers = headers or {}
         self.details = details or {}
+        self.audited = False  # set once the refusal is in the audit log
+        self.http_status = self.status  # what the server answered (the SDK sets it)
         super().__init__(self.message)
 
     def to_dict(self) -> dict[str, Any]:

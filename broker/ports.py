@@ -38,7 +38,7 @@ class SecretValue:
     mount: str
     path: str
     key: str
-    value: str
+    value: str = field(repr=False)  # a logged SecretValue must not print the secret
     version: int | None = None
 
     def reference(self) -> dict[str, Any]:
@@ -176,6 +176,14 @@ class PolicyEngine(Protocol):
 
     def roles_of(self, subject: str) -> list[str]: ...
 
+    def builtin_rules(self) -> list[Rule]:
+        """Rules that hold from the first start (role admin: every admin action)."""
+
+    def make_rule(
+        self, subject: str, obj: str, action: str, effect: str, condition: str | None
+    ) -> Rule:
+        """A validated rule with its derived id; raises Unprocessable on a bad rule."""
+
 
 class CapabilityRegistry(Protocol):
     async def put(self, cap: Capability) -> Capability:
@@ -209,13 +217,17 @@ class Directory(Protocol):
 
     async def set_disabled(self, agent_id: str, disabled: bool) -> bool: ...
 
-    async def add_token(self, agent_id: str, token_id: str, token_hash: str) -> None: ...
+    async def issue_token(self, agent_id: str) -> tuple[str, str]:
+        """(token_id, token): a new high-entropy token; only its hash is stored."""
+
+    async def set_fixed_token(self, agent_id: str, token_id: str, token: str) -> None:
+        """Make ``token`` (chosen by the operator) the agent's token ``token_id``."""
 
     async def revoke_token(self, agent_id: str, token_id: str) -> bool: ...
 
     async def revoke_all_tokens(self, agent_id: str) -> int: ...
 
-    async def find_token(self, token_hash: str) -> tuple[AgentRecord, str] | None:
+    async def find_token(self, token: str) -> tuple[AgentRecord, str] | None:
         """(agent, token_id) for a live token of an enabled agent, else None."""
 
     async def grant(self, subject: str, role: str) -> bool: ...

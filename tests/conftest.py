@@ -5,4 +5,5 @@ from __future__ import annotations
 pytest_plugins = [
     "tests.support.openbao",
     "tests.support.upstreams",
+    "tests.support.brokers",
 ]

@@ -7,6 +7,7 @@ Fixtures: ``upstream`` and ``second_upstream`` (RecordingUpstream servers, funct
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import gzip
 import json
@@ -17,7 +18,7 @@ import warnings
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote
 
 import pytest
 import uvicorn
@@ -38,7 +39,7 @@ GZIP_BOMB_SIZE = 32 * 1024 * 1024
 class ServerThread:
     """Runs an ASGI app under uvicorn in a background thread on 127.0.0.1 and a free port."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, lifespan: str = "off") -> None:
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((LOOPBACK, 0))
@@ -46,7 +47,7 @@ class ServerThread:
         config = uvicorn.Config(
             app,
             log_level="warning",
-            lifespan="off",
+            lifespan=lifespan,
             timeout_graceful_shutdown=1,
             timeout_keep_alive=1,
         )
@@ -145,6 +146,7 @@ class RecordingUpstream:
     /status/{code}    that status
     /gzip-bomb        a small gzip body that decompresses to 32 MiB (Content-Encoding: gzip)
     /json             a fixed JSON document
+    /reflect          the bearer credential it got, reflected raw, base64 and url-encoded
     """
 
     FIXED_JSON: ClassVar[dict[str, Any]] = {"ok": True, "items": [1, 2, 3], "name": "fixed"}
@@ -192,6 +194,8 @@ class RecordingUpstream:
         elif path == "/gzip-bomb":
             headers = [(b"content-encoding", b"gzip"), (b"content-type", b"text/plain")]
             await _send(send, 200, _gzip_bomb(), headers)
+        elif path == "/reflect":
+            await _send_json(send, 200, _reflect(rec))
         elif path == "/json":
             await _send_json(send, 200, self.FIXED_JSON)
         else:
@@ -222,6 +226,21 @@ def _echo(rec: Recorded) -> dict[str, Any]:
         "query": query,
         "headers": {k.lower(): v for k, v in rec.headers},
         "json": body,
+    }
+
+
+def _reflect(rec: Recorded) -> dict[str, Any]:
+    """Hand the credential back in the forms a careless upstream might (tests redaction)."""
+    cred = (rec.header("authorization") or "").removeprefix("Bearer ")
+    raw = cred.encode()
+    return {
+        "raw": cred,
+        "b64": base64.b64encode(raw).decode(),
+        "b64url": base64.urlsafe_b64encode(raw).decode().rstrip("="),
+        "url": quote(cred, safe=""),
+        "basic": "Basic " + base64.b64encode(b"user:" + raw).decode(),
+        "query": rec.raw_path.partition("?")[2],
+        "body": rec.body.decode("utf-8", "replace"),
     }
 
 

@@ -1,0 +1,248 @@
+"""Admin use cases: capabilities, agents, tokens, roles, policies, audit queries.
+
+Every operation authenticates the caller and asks the same policy as calls do (an admin is an
+agent holding the admin actions, normally through role ``admin``). Every change is audited as
+``admin.*``; every refusal as ``admin.denied`` / ``admin.rejected``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from broker import errors
+from broker.capabilities import Capability, parse_manifest
+from broker.errors import BrokerError
+from broker.ports import AgentRecord, AuditEvent, AuditQuery, Decision, Principal, Rule
+from broker.service import Broker
+
+RESERVED_AGENT_IDS = {"admin"}  # owned by BROKER_BOOTSTRAP_ADMIN_TOKEN
+
+
+class Admin:
+    def __init__(self, broker: Broker) -> None:
+        self.b = broker
+        self.tools = broker.policy
+        self._reload_lock = asyncio.Lock()
+
+    # -- shared -----------------------------------------------------------------------------
+
+    async def authorize(self, token: str | None, action: str, obj: str = "*") -> Principal:
+        try:
+            who = await self.b.authenticate(token)
+        except BrokerError as exc:
+            await self.b.record_refusal(
+                AuditEvent(kind="admin.rejected", decision="deny", reason=exc.code,
+                           detail={"action": action, "object": obj}), exc)
+            raise
+        decision = self.b.policy.decide(who.subject, obj, action)
+        if not decision.allowed:
+            denied = errors.PolicyDenied(f"{who.subject} may not {action} on {obj}",
+                                         details={"rule": decision.rule})
+            await self.b.record_refusal(
+                AuditEvent(kind="admin.denied", agent_id=who.agent_id, decision="deny",
+                           rule=decision.rule, reason=denied.code,
+                           detail={"action": action, "object": obj}), denied)
+            raise denied
+        return who
+
+    async def _audit(self, who: Principal | None, kind: str, **detail: Any) -> None:
+        event = AuditEvent(kind=kind, agent_id=who.agent_id if who else None,
+                           decision="allow", capability=detail.pop("capability", None),
+                           capability_version=detail.pop("version", None), detail=detail)
+        await self.b.audit.append(event)
+
+    async def reload_policy(self) -> None:
+        """Re-read rules and grants and swap them in; serialised so a stale read never wins."""
+        async with self._reload_lock:
+            rules = await self.b.rulebook.list()
+            grants = await self.b.directory.grants()
+            self.b.policy.load(rules, grants)
+
+    # -- capabilities -----------------------------------------------------------------------
+
+    async def put_capability(self, token: str | None, name: str, data: Any) -> Capability:
+        who = await self.authorize(token, "capabilities.write", name)
+        if isinstance(data, Mapping) and "name" not in data:
+            data = {**data, "name": name}
+        cap = parse_manifest(data)
+        if cap.name != name:
+            raise errors.InvalidManifest(f"name in the manifest ({cap.name}) differs from the path")
+        return await self.apply_capability(who, cap)
+
+    async def apply_capability(self, who: Principal | None, cap: Capability) -> Capability:
+        stored = await self.b.registry.put(cap)
+        await self._audit(who, "admin.capability.put", capability=stored.name,
+                          version=stored.version)
+        return stored
+
+    async def get_capability(self, token: str | None, name: str) -> dict[str, Any]:
+        who = await self.b.authenticate(token)
+        cap = await self.b.registry.get(name)
+        is_admin = self.b.policy.decide(who.subject, name, "capabilities.write").allowed
+        if cap is None or not (is_admin or self._may_invoke(who, name)):
+            raise errors.CapabilityNotFound(f"no capability named {name!r}")
+        return cap.model_dump(mode="json", by_alias=True) if is_admin else cap.public_view()
+
+    async def list_capabilities(self, token: str | None, *, all_: bool = False) -> list[Any]:
+        who = await self.b.authenticate(token)
+        caps = await self.b.registry.list()
+        if all_:
+            await self.authorize(token, "capabilities.write", "*")
+            return [c.model_dump(mode="json", by_alias=True) for c in caps]
+        return [c.public_view() for c in caps if self._may_invoke(who, c.name)]
+
+    def _may_invoke(self, who: Principal, name: str) -> bool:
+        return self.b.policy.decide(who.subject, name, "invoke").allowed
+
+    async def delete_capability(self, token: str | None, name: str) -> None:
+        who = await self.authorize(token, "capabilities.write", name)
+        if not await self.b.registry.delete(name):
+            raise errors.CapabilityNotFound(f"no capability named {name!r}")
+        await self._audit(who, "admin.capability.delete", capability=name)
+
+    # -- agents and tokens ------------------------------------------------------------------
+
+    async def create_agent(
+        self, token: str | None, name: str, roles: Sequence[str], attributes: Mapping[str, str]
+    ) -> tuple[AgentRecord, str, str]:
+        who = await self.authorize(token, "agents.write")
+        if roles:
+            await self.authorize(token, "roles.grant")
+        if name in RESERVED_AGENT_IDS:
+            raise errors.Conflict(f"agent id {name!r} is reserved")
+        await self.b.directory.create_agent(name, name, attributes)
+        token_id, secret = await self.b.directory.issue_token(name)
+        for role in roles:
+            await self.b.directory.grant(f"agent:{name}", f"role:{role}")
+        if roles:
+            await self.reload_policy()
+        await self._audit(who, "admin.agent.create", agent=name, roles=list(roles),
+                          token_id=token_id)
+        record = await self.b.directory.get_agent(name)
+        assert record is not None
+        return record, secret, token_id
+
+    async def get_agent(self, token: str | None, agent_id: str) -> AgentRecord:
+        await self.authorize(token, "agents.write")
+        return await self._agent(agent_id)
+
+    async def _agent(self, agent_id: str) -> AgentRecord:
+        record = await self.b.directory.get_agent(agent_id)
+        if record is None:
+            raise errors.NotFound(f"no agent {agent_id!r}")
+        return record
+
+    async def list_agents(self, token: str | None) -> list[AgentRecord]:
+        await self.authorize(token, "agents.write")
+        return await self.b.directory.list_agents()
+
+    async def issue_token(self, token: str | None, agent_id: str) -> tuple[str, str]:
+        who = await self.authorize(token, "agents.write")
+        await self._agent(agent_id)
+        token_id, secret = await self.b.directory.issue_token(agent_id)
+        await self._audit(who, "admin.token.create", agent=agent_id, token_id=token_id)
+        return token_id, secret
+
+    async def revoke_token(self, token: str | None, agent_id: str, token_id: str) -> None:
+        who = await self.authorize(token, "agents.write")
+        if not await self.b.directory.revoke_token(agent_id, token_id):
+            raise errors.NotFound(f"no live token {token_id!r} for agent {agent_id!r}")
+        await self._audit(who, "admin.token.revoke", agent=agent_id, token_id=token_id)
+
+    async def disable_agent(self, token: str | None, agent_id: str) -> AgentRecord:
+        who = await self.authorize(token, "agents.write")
+        await self._agent(agent_id)
+        await self.b.directory.set_disabled(agent_id, True)
+        revoked = await self.b.directory.revoke_all_tokens(agent_id)
+        await self._audit(who, "admin.agent.disable", agent=agent_id, tokens_revoked=revoked)
+        return await self._agent(agent_id)
+
+    # -- roles ------------------------------------------------------------------------------
+
+    async def grant_role(self, token: str | None, agent_id: str, role: str) -> AgentRecord:
+        who = await self.authorize(token, "roles.grant", f"role:{role}")
+        await self._agent(agent_id)
+        await self.b.directory.grant(f"agent:{agent_id}", f"role:{role}")
+        await self.reload_policy()
+        await self._audit(who, "admin.role.grant", agent=agent_id, role=role)
+        return await self._agent(agent_id)
+
+    async def revoke_role(self, token: str | None, agent_id: str, role: str) -> AgentRecord:
+        who = await self.authorize(token, "roles.grant", f"role:{role}")
+        if not await self.b.directory.revoke(f"agent:{agent_id}", f"role:{role}"):
+            raise errors.NotFound(f"agent {agent_id!r} does not hold role {role!r}")
+        await self.reload_policy()
+        await self._audit(who, "admin.role.revoke", agent=agent_id, role=role)
+        return await self._agent(agent_id)
+
+    async def list_roles(self, token: str | None) -> list[dict[str, Any]]:
+        await self.authorize(token, "agents.write")
+        rules = [*self.tools.builtin_rules(), *await self.b.rulebook.list()]
+        grants = await self.b.directory.grants()
+        names = {r.subject for r in rules if r.subject.startswith("role:")}
+        names |= {g.role for g in grants}
+        return [
+            {
+                "name": n.removeprefix("role:"),
+                "members": sorted(g.subject for g in grants if g.role == n),
+                "rules": [_rule_dict(r) for r in rules if r.subject == n],
+            }
+            for n in sorted(names)
+        ]
+
+    # -- policies ---------------------------------------------------------------------------
+
+    async def list_policies(self, token: str | None) -> list[dict[str, Any]]:
+        await self.authorize(token, "policies.write")
+        rules = [*self.tools.builtin_rules(), *await self.b.rulebook.list()]
+        return [_rule_dict(r) for r in rules]
+
+    async def add_policy(self, token: str | None, data: Mapping[str, Any]) -> dict[str, Any]:
+        who = await self.authorize(token, "policies.write")
+        rule = self.tools.make_rule(
+            data["subject"], data["object"], data["action"], data["effect"], data.get("condition")
+        )
+        await self.apply_rule(who, rule)
+        return _rule_dict(rule)
+
+    async def apply_rule(self, who: Principal | None, rule: Rule) -> None:
+        await self.b.rulebook.add(rule)
+        await self.reload_policy()
+        await self._audit(who, "admin.policy.add", rule=_rule_dict(rule))
+
+    async def delete_policy(self, token: str | None, rule_id: str) -> None:
+        who = await self.authorize(token, "policies.write")
+        if not await self.b.rulebook.delete(rule_id):
+            raise errors.NotFound(f"no policy rule {rule_id!r} (built-in rules cannot be deleted)")
+        await self.reload_policy()
+        await self._audit(who, "admin.policy.delete", rule_id=rule_id)
+
+    async def check_policy(
+        self, token: str | None, subject: str | None, agent: str | None, obj: str, action: str
+    ) -> Decision:
+        await self.authorize(token, "policies.write")
+        if (subject is None) == (agent is None):
+            raise errors.InvalidRequest("give exactly one of subject or agent")
+        return self.b.policy.decide(subject or f"agent:{agent}", obj, action)
+
+    # -- audit ------------------------------------------------------------------------------
+
+    async def query_audit(
+        self, token: str | None, q: AuditQuery
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        await self.authorize(token, "audit.read")
+        return await self.b.audit.query(q)
+
+
+def _rule_dict(rule: Rule) -> dict[str, Any]:
+    return {
+        "id": rule.id,
+        "subject": rule.subject,
+        "object": rule.object,
+        "action": rule.action,
+        "effect": rule.effect,
+        "condition": rule.condition,
+        "source": rule.source,
+    }

@@ -1,0 +1,337 @@
+"""The HTTP API: ``create_app(broker)`` builds the FastAPI app; routes are thin.
+
+Each route parses input, calls one Broker method and renders the result. One handler renders
+every BrokerError as ``{"error": {"code", "message", "call_id"}}``; refusals raised before the
+Broker saw the request (body too large, malformed input) are audited by that handler.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Body, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from broker import errors, models
+from broker.errors import BrokerError
+from broker.ports import AgentRecord, AuditEvent, AuditQuery
+from broker.service import Broker, InvokeRequest
+
+log = logging.getLogger("broker.api")
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]],
+                   Awaitable[None]]
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": models.ErrorEnvelope} for code in (400, 401, 403, 404, 409, 413, 422, 503)
+}
+
+
+def bearer(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, value = authorization.partition(" ")
+    return value.strip() or None if scheme.lower() == "bearer" else None
+
+
+Token = Annotated[str | None, Header(alias="Authorization", include_in_schema=False)]
+
+
+def create_app(broker: Broker, *, max_request_bytes: int = 1_048_576) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await broker.start()
+        try:
+            yield
+        finally:
+            await broker.close()
+
+    app = FastAPI(title="capbroker", version="1", lifespan=lifespan, responses=ERROR_RESPONSES)
+    _install_error_handlers(app, broker)
+    app.add_middleware(BodyLimit, broker=broker, limit=max_request_bytes)
+    _health_routes(app, broker)
+    _capability_routes(app, broker)
+    _agent_routes(app, broker)
+    _policy_routes(app, broker)
+    _audit_routes(app, broker)
+    return app
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+
+def render_error(exc: BrokerError) -> JSONResponse:
+    return JSONResponse(exc.to_dict(), status_code=exc.status, headers=exc.headers)
+
+
+async def audit_rejection(broker: Broker, path: str, token: str | None, exc: BrokerError) -> None:
+    """Record a refusal the Broker did not see (and so could not audit) itself."""
+    if exc.audited:
+        return
+    agent_id = None
+    if token:
+        try:
+            agent_id = (await broker.authenticate(token)).agent_id
+        except BrokerError:
+            agent_id = None
+    kind = "call.rejected" if path.endswith("/invoke") else "admin.rejected"
+    capability = path.split("/")[3] if kind == "call.rejected" else None
+    event = AuditEvent(kind=kind, agent_id=agent_id, capability=capability, decision="deny",
+                       reason=exc.code, detail={"path": path, "message": exc.message})
+    await broker.record_refusal(event, exc)
+
+
+def _install_error_handlers(app: FastAPI, broker: Broker) -> None:
+    async def on_broker_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, BrokerError)
+        if exc.status < 500 or isinstance(exc, errors.RequestTooLarge):
+            await audit_rejection(broker, request.url.path,
+                                  bearer(request.headers.get("authorization")), exc)
+        return render_error(exc)
+
+    async def on_validation(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid"}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        err = errors.InvalidRequest(f"{where}: {first.get('msg', 'invalid')}")
+        return await on_broker_error(request, err)
+
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        body = {"error": {"code": code, "message": str(exc.detail), "call_id": None}}
+        return JSONResponse(body, status_code=exc.status_code)
+
+    async def on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        log.error("unexpected error: %s", type(exc).__name__, exc_info=exc)
+        return render_error(BrokerError())
+
+    app.add_exception_handler(BrokerError, on_broker_error)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(Exception, on_unexpected)
+
+
+class BodyLimit:
+    """Refuse request bodies over ``limit`` bytes, by Content-Length and by bytes streamed.
+
+    The body is buffered (it is at most ``limit`` bytes) and replayed to the app, so an
+    oversize request is refused before any route or the Broker sees it.
+    """
+
+    def __init__(self, app: ASGIApp, *, broker: Broker, limit: int) -> None:
+        self.app, self.broker, self.limit = app, broker, limit
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        body = await self._read(headers, receive)
+        if body is None:
+            exc = errors.RequestTooLarge(f"the request body exceeds {self.limit} bytes")
+            await audit_rejection(self.broker, scope["path"], bearer(headers.get("authorization")),
+                                  exc)
+            await render_error(exc)(scope, receive, send)
+            return
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            message: Message = await receive()
+            return message
+
+        await self.app(scope, replay, send)
+
+    async def _read(self, headers: dict[str, str], receive: Any) -> bytes | None:
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.limit:
+            return None
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                return None
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        return b"".join(chunks)
+
+
+# -- routes ------------------------------------------------------------------------------------
+
+
+def _health_routes(app: FastAPI, broker: Broker) -> None:
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    async def readyz() -> JSONResponse:
+        checks = await broker.ready()
+        ok = all(checks.values())
+        return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
+
+
+def _capability_routes(app: FastAPI, broker: Broker) -> None:
+    admin = broker.admin
+
+    @app.get("/v1/capabilities", tags=["capabilities"], response_model=models.CapabilityList)
+    async def list_capabilities(authorization: Token = None, all: bool = False) -> Any:
+        caps = await admin.list_capabilities(bearer(authorization), all_=all)
+        return {"capabilities": caps}
+
+    @app.put("/v1/capabilities/{name}", tags=["capabilities"])
+    async def put_capability(
+        name: str, manifest: Annotated[dict[str, Any], Body()], authorization: Token = None
+    ) -> Any:
+        cap = await admin.put_capability(bearer(authorization), name, manifest)
+        return cap.model_dump(mode="json", by_alias=True)
+
+    @app.get("/v1/capabilities/{name}", tags=["capabilities"])
+    async def get_capability(name: str, authorization: Token = None) -> Any:
+        return await admin.get_capability(bearer(authorization), name)
+
+    @app.delete("/v1/capabilities/{name}", tags=["capabilities"], status_code=204)
+    async def delete_capability(name: str, authorization: Token = None) -> None:
+        await admin.delete_capability(bearer(authorization), name)
+
+    @app.post(
+        "/v1/capabilities/{name}/invoke",
+        tags=["calls"],
+        response_model=models.InvokeOut,
+        openapi_extra={"requestBody": {"content": {"application/json": {
+            "schema": models.InvokeIn.model_json_schema()}}}},
+    )
+    async def invoke(
+        name: str,
+        request: Request,
+        authorization: Token = None,
+        idempotency_key: Annotated[str | None, Header()] = None,
+        x_broker_task: Annotated[str | None, Header()] = None,
+        traceparent: Annotated[str | None, Header()] = None,
+    ) -> Any:
+        result = await broker.invoke(InvokeRequest(
+            token=bearer(authorization),
+            capability=name,
+            body=await request.body(),
+            idempotency_key=idempotency_key,
+            task_id=x_broker_task,
+            trace_id=_trace_id(traceparent),
+        ))
+        return result.to_dict()
+
+
+def _trace_id(traceparent: str | None) -> str | None:
+    parts = (traceparent or "").split("-")
+    if len(parts) == 4 and len(parts[1]) == 32 and all(c in "0123456789abcdef" for c in parts[1]):
+        return parts[1]
+    return None
+
+
+def _agent_out(a: AgentRecord) -> dict[str, Any]:
+    return {"id": a.id, "name": a.name, "roles": list(a.roles), "attributes": dict(a.attributes),
+            "disabled": a.disabled, "created_at": a.created_at, "tokens": list(a.tokens)}
+
+
+def _agent_routes(app: FastAPI, broker: Broker) -> None:
+    admin = broker.admin
+
+    @app.post("/v1/agents", tags=["agents"], status_code=201, response_model=models.AgentCreated)
+    async def create_agent(body: models.AgentCreate, authorization: Token = None) -> Any:
+        rec, token, token_id = await admin.create_agent(
+            bearer(authorization), body.name, body.roles, body.attributes)
+        return {"id": rec.id, "name": rec.name, "token": token, "token_id": token_id,
+                "roles": list(rec.roles)}
+
+    @app.get("/v1/agents", tags=["agents"], response_model=models.AgentList)
+    async def list_agents(authorization: Token = None) -> Any:
+        return {"agents": [_agent_out(a) for a in await admin.list_agents(bearer(authorization))]}
+
+    @app.get("/v1/agents/{agent_id}", tags=["agents"], response_model=models.Agent)
+    async def get_agent(agent_id: str, authorization: Token = None) -> Any:
+        return _agent_out(await admin.get_agent(bearer(authorization), agent_id))
+
+    @app.post("/v1/agents/{agent_id}/tokens", tags=["agents"], status_code=201,
+              response_model=models.TokenCreated)
+    async def issue_token(agent_id: str, authorization: Token = None) -> Any:
+        token_id, token = await admin.issue_token(bearer(authorization), agent_id)
+        return {"agent_id": agent_id, "token": token, "token_id": token_id}
+
+    @app.delete("/v1/agents/{agent_id}/tokens/{token_id}", tags=["agents"], status_code=204)
+    async def revoke_token(agent_id: str, token_id: str, authorization: Token = None) -> None:
+        await admin.revoke_token(bearer(authorization), agent_id, token_id)
+
+    @app.post("/v1/agents/{agent_id}/disable", tags=["agents"], response_model=models.Agent)
+    async def disable_agent(agent_id: str, authorization: Token = None) -> Any:
+        return _agent_out(await admin.disable_agent(bearer(authorization), agent_id))
+
+    @app.put("/v1/agents/{agent_id}/roles/{role}", tags=["roles"], response_model=models.Agent)
+    async def grant_role(agent_id: str, role: str, authorization: Token = None) -> Any:
+        return _agent_out(await admin.grant_role(bearer(authorization), agent_id, role))
+
+    @app.delete("/v1/agents/{agent_id}/roles/{role}", tags=["roles"], response_model=models.Agent)
+    async def revoke_role(agent_id: str, role: str, authorization: Token = None) -> Any:
+        return _agent_out(await admin.revoke_role(bearer(authorization), agent_id, role))
+
+    @app.get("/v1/roles", tags=["roles"], response_model=models.RoleList)
+    async def list_roles(authorization: Token = None) -> Any:
+        return {"roles": await admin.list_roles(bearer(authorization))}
+
+
+def _policy_routes(app: FastAPI, broker: Broker) -> None:
+    admin = broker.admin
+
+    @app.get("/v1/policies", tags=["policies"], response_model=models.PolicyList)
+    async def list_policies(authorization: Token = None) -> Any:
+        return {"policies": await admin.list_policies(bearer(authorization))}
+
+    @app.post("/v1/policies", tags=["policies"], status_code=201, response_model=models.PolicyRule)
+    async def add_policy(body: models.PolicyIn, authorization: Token = None) -> Any:
+        return await admin.add_policy(bearer(authorization), body.model_dump())
+
+    @app.delete("/v1/policies/{rule_id}", tags=["policies"], status_code=204)
+    async def delete_policy(rule_id: str, authorization: Token = None) -> None:
+        await admin.delete_policy(bearer(authorization), rule_id)
+
+    @app.post("/v1/policies/check", tags=["policies"], response_model=models.PolicyCheckOut)
+    async def check_policy(body: models.PolicyCheckIn, authorization: Token = None) -> Any:
+        d = await admin.check_policy(bearer(authorization), body.subject, body.agent,
+                                     body.object, body.action)
+        return {"allowed": d.allowed, "rule": d.rule, "reason": d.reason}
+
+
+def _audit_routes(app: FastAPI, broker: Broker) -> None:
+    admin = broker.admin
+
+    @app.get("/v1/audit", tags=["audit"], response_model=models.AuditPage)
+    async def query_audit(
+        authorization: Token = None,
+        agent: str | None = None,
+        capability: str | None = None,
+        kind: str | None = None,
+        decision: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        call_id: str | None = None,
+        task: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        cursor: str | None = None,
+    ) -> Any:
+        q = AuditQuery(agent=agent, capability=capability, kind=kind, decision=decision,
+                       since=since, until=until, call_id=call_id, task_id=task, limit=limit,
+                       cursor=cursor)
+        events, next_cursor = await admin.query_audit(bearer(authorization), q)
+        return {"events": events, "next_cursor": next_cursor}

@@ -1,0 +1,88 @@
+"""The composition root: ``build_broker(settings)`` is the only place that builds adapters."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from broker.admin import Admin
+from broker.audit import SqlAuditLog
+from broker.capabilities import load_manifest_files, parse_manifest
+from broker.config import Settings
+from broker.db import make_engine, migrate
+from broker.errors import BrokerError
+from broker.identity import SqlDirectory
+from broker.policy import CasbinPolicy, parse_policy_csv
+from broker.registry import SqlCapabilityRegistry
+from broker.rulebook import SqlRulebook
+from broker.service import Broker
+from broker.upstream import HttpUpstream
+from broker.vault import VaultSecretStore
+
+log = logging.getLogger("broker.bootstrap")
+BOOTSTRAP_AGENT = "admin"
+BOOTSTRAP_TOKEN_ID = "tok_bootstrap"
+
+
+def build_broker(settings: Settings) -> Broker:
+    """Build every adapter, migrate the schema, and wire the Broker (start-up work runs later,
+    in ``Broker.start``, inside the server's event loop)."""
+    engine = make_engine(settings.resolved_database_url(), busy_timeout=settings.audit_timeout)
+    migrate(engine)
+    broker = Broker(
+        registry=SqlCapabilityRegistry(engine),
+        directory=SqlDirectory(engine),
+        rulebook=SqlRulebook(engine),
+        policy=CasbinPolicy(),
+        secrets=VaultSecretStore(
+            url=settings.vault_addr,
+            token=settings.vault_token.get_secret_value(),
+            timeout=settings.vault_timeout,
+            cache_ttl=settings.secret_cache_ttl,
+        ),
+        upstream=HttpUpstream(egress_allow=settings.egress_allow),
+        audit=SqlAuditLog(engine, timeout=settings.audit_timeout),
+        max_response_bytes=settings.max_response_bytes,
+    )
+    broker.admin = Admin(broker)
+    broker.on_start.append(lambda: _start(broker, settings))
+    broker.on_close.append(lambda: asyncio.to_thread(engine.dispose))
+    return broker
+
+
+async def _start(broker: Broker, settings: Settings) -> None:
+    if settings.policies_dir:
+        await _apply_policy_file(broker, settings.policies_dir / "policy.csv")
+    token = settings.bootstrap_admin_token
+    if token is not None and token.get_secret_value():
+        await _ensure_admin(broker, token.get_secret_value())
+    await broker.admin.reload_policy()
+    if settings.capabilities_dir:
+        for file, data in load_manifest_files(settings.capabilities_dir):
+            try:
+                await broker.admin.apply_capability(None, parse_manifest(data))
+            except BrokerError as exc:
+                raise BrokerError(f"{file}: {exc.message}") from None
+
+
+async def _apply_policy_file(broker: Broker, path: Path) -> None:
+    if not path.exists():
+        log.warning("no policy file at %s", path)
+        return
+    rules, grants = parse_policy_csv(path.read_text(encoding="utf-8"))
+    for rule in rules:
+        await broker.rulebook.add(rule)
+    for grant in grants:
+        await broker.directory.grant(grant.subject, grant.role)
+
+
+async def _ensure_admin(broker: Broker, token: str) -> None:
+    directory = broker.directory
+    agent = await directory.get_agent(BOOTSTRAP_AGENT)
+    if agent is None:
+        await directory.create_agent(BOOTSTRAP_AGENT, BOOTSTRAP_AGENT, {})
+    elif agent.disabled:
+        await directory.set_disabled(BOOTSTRAP_AGENT, False)
+    await directory.set_fixed_token(BOOTSTRAP_AGENT, BOOTSTRAP_TOKEN_ID, token)
+    await directory.grant(f"agent:{BOOTSTRAP_AGENT}", "role:admin")

@@ -1,0 +1,538 @@
+"""The ``broker`` command: server entry points (serve, dev, demo) and a thin admin client.
+
+Each command parses its input, calls one ``BrokerClient`` method (or one server function) and
+prints the result. Client commands talk to a running broker through ``BROKER_URL`` and
+``BROKER_TOKEN`` (or ``--url``/``--token``). A refusal from the broker is printed as
+``error: <code>: <message>`` on stderr with exit status 1, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import httpx
+
+from broker import __version__
+from broker.client import BrokerClient
+from broker.errors import BrokerError
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+DEV_UPSTREAM_PORT = 8099
+AUDIT_HEADERS = ("seq", "time", "kind", "agent", "capability", "decision", "reason/status")
+TAIL_WIDTHS = (5, 24, 20, 14, 22, 8, 0)
+
+
+# --- output helpers --------------------------------------------------------------------------
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]],
+          min_widths: Sequence[int] = ()) -> str:
+    """Left-aligned columns separated by two spaces; None prints as '-'."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+    widths = [max(w, m) for w, m in zip(widths, [*min_widths, *[0] * len(widths)], strict=False)]
+    lines = [list(headers), *cells]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+                     for line in lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value) or "-"
+    return str(value)
+
+
+def audit_row(event: dict[str, Any]) -> list[Any]:
+    outcome = event.get("reason") or event.get("status")
+    if event.get("upstream_status") is not None:
+        outcome = f"{outcome or ''} (upstream {event['upstream_status']})".strip()
+    when = str(event.get("time") or "")
+    return [event.get("seq"), when[:23] + "Z" if len(when) > 24 else when, event.get("kind"),
+            event.get("agent_id"), event.get("capability"), event.get("decision"), outcome]
+
+
+def audit_table(events: list[dict[str, Any]]) -> str:
+    """The readable audit table (also used by ``broker demo``)."""
+    return table(AUDIT_HEADERS, [audit_row(e) for e in events])
+
+
+def echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def fail(code: str, message: str) -> NoReturn:
+    click.echo(f"error: {code}: {message}", err=True)
+    raise click.exceptions.Exit(1)
+
+
+# --- the command group ------------------------------------------------------------------------
+
+
+class BrokerGroup(click.Group):
+    """Turns every BrokerError (and an unreachable broker) into one line on stderr, exit 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokerError as exc:
+            click.echo(f"error: {exc.code}: {exc.message}", err=True)
+            if exc.call_id:
+                click.echo(f"call_id: {exc.call_id}", err=True)
+            raise click.exceptions.Exit(1) from None
+        except httpx.HTTPError as exc:
+            where = exc.request.url if isinstance(exc, httpx.RequestError) else "the broker"
+            click.echo(f"error: unreachable: cannot talk to {where}: {exc}", err=True)
+            raise click.exceptions.Exit(1) from None
+
+
+@click.group(cls=BrokerGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="broker")
+def cli() -> None:
+    """capbroker: agents call capabilities; the broker holds the credentials."""
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="broker")
+
+
+def uses_client(fn: Callable[..., None]) -> Callable[..., None]:
+    """Adds --url/--token (BROKER_URL/BROKER_TOKEN) and passes an open BrokerClient first."""
+
+    @click.option("--token", envvar="BROKER_TOKEN", show_envvar=True,
+                  help="Broker token (prefer the environment: argv is visible in ps).")
+    @click.option("--url", envvar="BROKER_URL", default=DEFAULT_URL, show_default=True,
+                  show_envvar=True, help="Base URL of the broker.")
+    @functools.wraps(fn)
+    def wrapper(*args: Any, url: str, token: str | None, **kwargs: Any) -> None:
+        with BrokerClient(url, token or None) as client:
+            fn(client, *args, **kwargs)
+
+    return wrapper
+
+
+# --- server entry points ----------------------------------------------------------------------
+
+
+@cli.command()
+def serve() -> None:
+    """Run the broker with settings from BROKER_* environment variables."""
+    import logging
+
+    import uvicorn
+
+    from broker.api import create_app
+
+    settings, broker = _build_from_env()
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(broker, max_request_bytes=settings.max_request_bytes)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+
+
+def _build_from_env(**overrides: Any) -> tuple[Any, Any]:
+    from broker.bootstrap import build_broker
+    from broker.config import Settings
+
+    try:
+        settings = Settings(**overrides)
+        return settings, build_broker(settings)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError too
+        fail("invalid_settings", str(exc))
+
+
+@cli.command()
+def dev() -> None:
+    """Run a local development broker: embedded OpenBao, SQLite and examples under ./.broker/."""
+    from broker.demo import run_dev
+
+    try:
+        run_dev(click.echo)
+    except RuntimeError as exc:  # DevVaultError, a port in use, a broker that would not start
+        fail("dev_failed", str(exc))
+
+
+@cli.command()
+def demo() -> None:
+    """Run a scripted tour (upstream, agent, allowed and refused calls, audit) and exit."""
+    from broker.demo import run_demo
+
+    try:
+        run_demo(click.echo, audit_table)
+    except RuntimeError as exc:  # DemoError, DevVaultError, a server that would not start
+        fail("demo_failed", str(exc))
+
+
+# --- capabilities -----------------------------------------------------------------------------
+
+
+@cli.group()
+def capability() -> None:
+    """Register, list, show and delete capabilities."""
+
+
+@capability.command("apply")
+@click.option("-f", "--file", "path", required=True,
+              type=click.Path(exists=True, path_type=Path),
+              help="A manifest file, or a directory of *.yaml/*.yml/*.json manifests.")
+@uses_client
+def capability_apply(client: BrokerClient, path: Path) -> None:
+    """Register (create or update) every manifest found at PATH."""
+    from broker.capabilities import load_manifest_files
+
+    failed = 0
+    for file, manifest in load_manifest_files(path):
+        try:
+            if not isinstance(manifest, dict) or not isinstance(manifest.get("name"), str):
+                raise BrokerError(f"{file}: a manifest is a mapping with a name")
+            cap = client.put_capability(manifest)
+        except BrokerError as exc:
+            failed += 1
+            where = "" if str(file) in exc.message else f"{file}: "
+            click.echo(f"error: {exc.code}: {where}{exc.message}", err=True)
+            continue
+        click.echo(f"{cap['name']}  version {cap['version']}  ({file})")
+    if failed:
+        raise click.exceptions.Exit(1)
+
+
+@capability.command("list")
+@click.option("--all", "all_", is_flag=True, help="Every capability (admin), not only invocable.")
+@uses_client
+def capability_list(client: BrokerClient, all_: bool) -> None:
+    """List the capabilities the token may invoke (or all of them)."""
+    caps = client.list_capabilities(all=all_)
+    rows = [[c.get("name"), c.get("version"), c.get("effect"), c.get("approval"),
+             c.get("description")] for c in caps]
+    click.echo(table(("name", "version", "effect", "approval", "description"), rows))
+
+
+@capability.command("get")
+@click.argument("name")
+@uses_client
+def capability_get(client: BrokerClient, name: str) -> None:
+    """Show one capability (the full manifest for an admin)."""
+    echo_json(client.get_capability(name))
+
+
+@capability.command("delete")
+@click.argument("name")
+@uses_client
+def capability_delete(client: BrokerClient, name: str) -> None:
+    """Delete a capability."""
+    client.delete_capability(name)
+    click.echo(f"deleted {name}")
+
+
+# --- agents -----------------------------------------------------------------------------------
+
+
+def _attributes(_ctx: click.Context, _param: click.Parameter,
+                values: tuple[str, ...]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not key=value")
+        out[key] = value
+    return out
+
+
+def _show_token(data: dict[str, Any], quiet: bool) -> None:
+    if quiet:
+        click.echo(data["token"])
+        return
+    click.echo(f"token_id: {data['token_id']}")
+    click.echo(f"token:    {data['token']}")
+    click.echo("warning: the token is shown only this once (the broker keeps only its hash); "
+               "store it now", err=True)
+
+
+@cli.group()
+def agent() -> None:
+    """Create agents, issue and revoke their tokens, disable them."""
+
+
+@agent.command("create")
+@click.argument("name")
+@click.option("--role", "roles", multiple=True, help="Grant this role (repeatable).")
+@click.option("--attr", "attributes", multiple=True, callback=_attributes,
+              help="An attribute key=value (repeatable).")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the token (for scripts).")
+@uses_client
+def agent_create(client: BrokerClient, name: str, roles: tuple[str, ...],
+                 attributes: dict[str, str], quiet: bool) -> None:
+    """Create an agent; prints its token once."""
+    created = client.create_agent(name, list(roles), attributes)
+    if not quiet:
+        click.echo(f"agent:    {created['id']}")
+        click.echo(f"roles:    {_cell(created.get('roles'))}")
+    _show_token(created, quiet)
+
+
+@agent.command("list")
+@uses_client
+def agent_list(client: BrokerClient) -> None:
+    """List agents."""
+    rows = [[a["id"], a.get("roles"), "yes" if a.get("disabled") else "no",
+             sum(1 for t in a.get("tokens", []) if not t.get("revoked_at")), a.get("created_at")]
+            for a in client.list_agents()]
+    click.echo(table(("id", "roles", "disabled", "live tokens", "created"), rows))
+
+
+@agent.command("get")
+@click.argument("agent_id")
+@uses_client
+def agent_get(client: BrokerClient, agent_id: str) -> None:
+    """Show one agent and its tokens."""
+    a = client.get_agent(agent_id)
+    attrs = ", ".join(f"{k}={v}" for k, v in a.get("attributes", {}).items())
+    click.echo(f"id:         {a['id']}\nname:       {a['name']}\nroles:      {_cell(a['roles'])}"
+               f"\nattributes: {attrs or '-'}\ndisabled:   {a['disabled']}"
+               f"\ncreated:    {a['created_at']}\n")
+    rows = [[t["id"], t.get("created_at"), t.get("revoked_at")] for t in a.get("tokens", [])]
+    click.echo(table(("token", "created", "revoked"), rows))
+
+
+@agent.command("token")
+@click.argument("agent_id")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the token (for scripts).")
+@uses_client
+def agent_token(client: BrokerClient, agent_id: str, quiet: bool) -> None:
+    """Issue a new token for an agent; prints it once."""
+    _show_token(client.issue_token(agent_id), quiet)
+
+
+@agent.command("revoke-token")
+@click.argument("agent_id")
+@click.argument("token_id")
+@uses_client
+def agent_revoke_token(client: BrokerClient, agent_id: str, token_id: str) -> None:
+    """Revoke one token of an agent."""
+    client.revoke_token(agent_id, token_id)
+    click.echo(f"revoked {token_id} of {agent_id}")
+
+
+@agent.command("disable")
+@click.argument("agent_id")
+@uses_client
+def agent_disable(client: BrokerClient, agent_id: str) -> None:
+    """Disable an agent (its tokens stop working)."""
+    client.disable_agent(agent_id)
+    click.echo(f"disabled {agent_id}; its tokens are revoked")
+
+
+# --- roles ------------------------------------------------------------------------------------
+
+
+@cli.group()
+def role() -> None:
+    """Grant and revoke roles; list roles with their members and rules."""
+
+
+@role.command("grant")
+@click.argument("agent_id")
+@click.argument("role_name")
+@uses_client
+def role_grant(client: BrokerClient, agent_id: str, role_name: str) -> None:
+    """Grant ROLE_NAME to an agent."""
+    a = client.grant_role(agent_id, role_name)
+    click.echo(f"{a['id']} now holds: {_cell(a['roles'])}")
+
+
+@role.command("revoke")
+@click.argument("agent_id")
+@click.argument("role_name")
+@uses_client
+def role_revoke(client: BrokerClient, agent_id: str, role_name: str) -> None:
+    """Revoke ROLE_NAME from an agent."""
+    a = client.revoke_role(agent_id, role_name)
+    click.echo(f"{a['id']} now holds: {_cell(a['roles'])}")
+
+
+@role.command("list")
+@uses_client
+def role_list(client: BrokerClient) -> None:
+    """List roles, their members and their rules."""
+    rows = [[r["name"], r.get("members"),
+             "; ".join(f"{p['effect']} {p['action']} {p['object']}" for p in r.get("rules", []))]
+            for r in client.list_roles()]
+    click.echo(table(("role", "members", "rules"), rows))
+
+
+# --- policies ---------------------------------------------------------------------------------
+
+
+@cli.group()
+def policy() -> None:
+    """Add, list, delete and check policy rules."""
+
+
+@policy.command("add")
+@click.argument("subject")
+@click.argument("object_")
+@click.option("--action", default="invoke", show_default=True)
+@click.option("--effect", type=click.Choice(["allow", "deny"]), default="allow",
+              show_default=True)
+@uses_client
+def policy_add(client: BrokerClient, subject: str, object_: str, action: str,
+               effect: str) -> None:
+    """Add a rule: SUBJECT (agent:ID or role:NAME) may (not) ACTION on OBJECT (a glob)."""
+    rule = client.add_policy(subject, object_, action, effect)
+    click.echo(f"{rule['id']}  {rule['subject']}  {rule['object']}  {rule['action']}  "
+               f"{rule['effect']}")
+
+
+@policy.command("list")
+@uses_client
+def policy_list(client: BrokerClient) -> None:
+    """List every rule (built-in ones included)."""
+    rows = [[p["id"], p["subject"], p["object"], p["action"], p["effect"], p.get("condition"),
+             p.get("source")] for p in client.list_policies()]
+    click.echo(table(("id", "subject", "object", "action", "effect", "condition", "source"),
+                     rows))
+
+
+@policy.command("delete")
+@click.argument("rule_id")
+@uses_client
+def policy_delete(client: BrokerClient, rule_id: str) -> None:
+    """Delete a rule by id."""
+    client.delete_policy(rule_id)
+    click.echo(f"deleted {rule_id}")
+
+
+@policy.command("check")
+@click.argument("agent_id")
+@click.argument("capability_name")
+@click.option("--action", default="invoke", show_default=True)
+@uses_client
+def policy_check(client: BrokerClient, agent_id: str, capability_name: str, action: str) -> None:
+    """Would AGENT_ID (an agent id, or a subject like role:reader) be allowed?"""
+    who = {"subject": agent_id} if ":" in agent_id else {"agent": agent_id}
+    d = client.check_policy(capability_name, action=action, **who)
+    verdict = "allowed" if d["allowed"] else "denied"
+    rule = d.get("rule") or "none (default deny)"
+    reason = f"  ({d['reason']})" if d.get("reason") else ""
+    click.echo(f"{verdict}: {agent_id} {action} {capability_name}  rule: {rule}{reason}")
+
+
+# --- audit ------------------------------------------------------------------------------------
+
+
+@cli.group()
+def audit() -> None:
+    """Query and follow the audit log."""
+
+
+def fetch_events(client: BrokerClient, limit: int, **filters: Any) -> list[dict[str, Any]]:
+    """Up to ``limit`` events, following next_cursor across pages."""
+    events: list[dict[str, Any]] = []
+    cursor = None
+    while len(events) < limit:
+        page = client.audit(limit=min(limit - len(events), 1000), cursor=cursor, **filters)
+        events.extend(page["events"])
+        cursor = page.get("next_cursor")
+        if not cursor or not page["events"]:
+            break
+    return events
+
+
+@audit.command("query")
+@click.option("--agent", help="Agent id.")
+@click.option("--capability")
+@click.option("--kind", help="e.g. call.finished, call.denied, admin.role.grant")
+@click.option("--decision", type=click.Choice(["allow", "deny"]))
+@click.option("--since", help="ISO 8601 UTC time, e.g. 2025-01-31T00:00:00Z")
+@click.option("--until", help="ISO 8601 UTC time (exclusive)")
+@click.option("--call-id")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True, help="Print the events as JSON.")
+@uses_client
+def audit_query(client: BrokerClient, limit: int, as_json: bool, **filters: Any) -> None:
+    """Query the audit log, oldest first."""
+    events = fetch_events(client, limit, **filters)
+    if as_json:
+        echo_json(events)
+    else:
+        click.echo(audit_table(events))
+
+
+def _after(events: list[dict[str, Any]], page: dict[str, Any], cursor: str | None) -> str | None:
+    # The API hands out a cursor only while more events wait; to resume after the last event
+    # seen, fall back to that event's seq (today's cursor format).
+    if page.get("next_cursor"):
+        return str(page["next_cursor"])
+    return str(events[-1]["seq"]) if events else cursor
+
+
+def _latest(client: BrokerClient, lines: int) -> tuple[list[dict[str, Any]], str | None]:
+    """The last ``lines`` events and the cursor after them (walks the log once)."""
+    kept: list[dict[str, Any]] = []
+    cursor: str | None = None
+    while True:
+        page = client.audit(limit=1000, cursor=cursor)
+        kept = [*kept, *page["events"]][-lines:] if lines else []
+        cursor = _after(page["events"], page, cursor)
+        if not page.get("next_cursor"):
+            return kept, cursor
+
+
+@audit.command("tail")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new events until Ctrl-C.")
+@click.option("-n", "--lines", default=20, show_default=True, type=click.IntRange(min=0))
+@click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds between polls with --follow.")
+@uses_client
+def audit_tail(client: BrokerClient, follow: bool, lines: int, interval: float) -> None:
+    """Print the latest events; with -f, poll for new ones."""
+    events, cursor = _latest(client, lines)
+    click.echo(table(AUDIT_HEADERS, [audit_row(e) for e in events], TAIL_WIDTHS))
+    try:
+        while follow:
+            time.sleep(interval)
+            page = client.audit(limit=1000, cursor=cursor)
+            cursor = _after(page["events"], page, cursor)
+            for event in page["events"]:
+                line = table(AUDIT_HEADERS, [audit_row(event)], TAIL_WIDTHS).splitlines()[1]
+                click.echo(line)
+    except KeyboardInterrupt:
+        return
+
+
+# --- calls ------------------------------------------------------------------------------------
+
+
+def _json_object(_ctx: click.Context, _param: click.Parameter, value: str) -> dict[str, Any]:
+    try:
+        parsed = json.loads(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise click.BadParameter("must be a JSON object, e.g. '{\"message\": \"hi\"}'")
+    return parsed
+
+
+@cli.command()
+@click.argument("capability_name")
+@click.option("--args", "args", default="{}", callback=_json_object, show_default=True,
+              help="The arguments as a JSON object.")
+@click.option("--idempotency-key", help="Replays return the first result instead of re-running.")
+@click.option("--task", help="Task id (X-Broker-Task) for budgets and the audit log.")
+@uses_client
+def invoke(client: BrokerClient, capability_name: str, args: dict[str, Any],
+           idempotency_key: str | None, task: str | None) -> None:
+    """Invoke a capability as the token's agent; prints the broker's answer."""
+    echo_json(client.invoke(capability_name, args, idempotency_key=idempotency_key, task=task))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""BrokerClient: the Python SDK over the HTTP API (httpx). Error codes map back to errors.py.
+
+Importing this module pulls in no server dependency (no FastAPI, SQLAlchemy, hvac, casbin).
+"""
+
+from __future__ import annotations
+
+import os
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from broker.errors import BrokerError, error_class_for
+
+
+class BrokerClient:
+    """A synchronous client. ``url``/``token`` default to BROKER_URL / BROKER_TOKEN."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        *,
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        base = url or os.environ.get("BROKER_URL") or "http://127.0.0.1:8080"
+        token = token if token is not None else os.environ.get("BROKER_TOKEN")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=base, headers=headers, timeout=timeout,
+                                  transport=transport, follow_redirects=False, trust_env=False)
+
+    def __enter__(self) -> BrokerClient:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self._http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            raise _error_from(response)
+        if response.status_code == 204 or not response.content:
+            return None
+        return response.json()
+
+    # -- calls -----------------------------------------------------------------------------
+
+    def invoke(
+        self,
+        capability: str,
+        args: dict[str, Any] | None = None,
+        *,
+        idempotency_key: str | None = None,
+        task: str | None = None,
+    ) -> dict[str, Any]:
+        headers = {}
+        if idempotency_key:
+            headers["Idempotency-Key"] = idempotency_key
+        if task:
+            headers["X-Broker-Task"] = task
+        result: dict[str, Any] = self.request(
+            "POST", f"/v1/capabilities/{capability}/invoke", json={"args": args or {}},
+            headers=headers,
+        )
+        return result
+
+    def list_capabilities(self, *, all: bool = False) -> list[dict[str, Any]]:
+        params = {"all": "true"} if all else {}
+        caps: list[dict[str, Any]] = self.request("GET", "/v1/capabilities", params=params)[
+            "capabilities"
+        ]
+        return caps
+
+    # -- admin -----------------------------------------------------------------------------
+
+    def put_capability(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = self.request("PUT", f"/v1/capabilities/{manifest['name']}",
+                                           json=manifest)
+        return out
+
+    def get_capability(self, name: str) -> dict[str, Any]:
+        out: dict[str, Any] = self.request("GET", f"/v1/capabilities/{name}")
+        return out
+
+    def delete_capability(self, name: str) -> None:
+        self.request("DELETE", f"/v1/capabilities/{name}")
+
+    def create_agent(
+        self, name: str, roles: list[str] | None = None, attributes: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        body = {"name": name, "roles": roles or [], "attributes": attributes or {}}
+        out: dict[str, Any] = self.request("POST", "/v1/agents", json=body)
+        return out
+
+    def list_agents(self) -> list[dict[str, Any]]:
+        agents: list[dict[str, Any]] = self.request("GET", "/v1/agents")["agents"]
+        return agents
+
+    def get_agent(self, agent_id: str) -> dict[str, Any]:
+        out: dict[str, Any] = self.request("GET", f"/v1/agents/{agent_id}")
+        return out
+
+    def issue_token(self, agent_id: str) -> dict[str, Any]:
+        out: dict[str, Any] = self.request("POST", f"/v1/agents/{agent_id}/tokens")
+        return out
+
+    def revoke_token(self, agent_id: str, token_id: str) -> None:
+        self.request("DELETE", f"/v1/agents/{agent_id}/tokens/{token_id}")
+
+    def disable_agent(self, agent_id: str) -> dict[str, Any]:
+        out: dict[str, Any] = self.request("POST", f"/v1/agents/{agent_id}/disable")
+        return out
+
+    def grant_role(self, agent_id: str, role: str) -> dict[str, Any]:
+        out: dict[str, Any] = self.request("PUT", f"/v1/agents/{agent_id}/roles/{role}")
+        return out
+
+    def revoke_role(self, agent_id: str, role: str) -> dict[str, Any]:
+        out: dict[str, Any] = self.request("DELETE", f"/v1/agents/{agent_id}/roles/{role}")
+        return out
+
+    def list_roles(self) -> list[dict[str, Any]]:
+        roles: list[dict[str, Any]] = self.request("GET", "/v1/roles")["roles"]
+        return roles
+
+    def list_policies(self) -> list[dict[str, Any]]:
+        rules: list[dict[str, Any]] = self.request("GET", "/v1/policies")["policies"]
+        return rules
+
+    def add_policy(
+        self, subject: str, object: str, action: str = "invoke", effect: str = "allow"
+    ) -> dict[str, Any]:
+        body = {"subject": subject, "object": object, "action": action, "effect": effect,
+                "condition": None}
+        out: dict[str, Any] = self.request("POST", "/v1/policies", json=body)
+        return out
+
+    def delete_policy(self, rule_id: str) -> None:
+        self.request("DELETE", f"/v1/policies/{rule_id}")
+
+    def check_policy(
+        self, object: str, *, agent: str | None = None, subject: str | None = None,
+        action: str = "invoke",
+    ) -> dict[str, Any]:
+        body = {"object": object, "action": action, "agent": agent, "subject": subject}
+        out: dict[str, Any] = self.request("POST", "/v1/policies/check", json=body)
+        return out
+
+    def audit(self, **filters: Any) -> dict[str, Any]:
+        params = {k: v for k, v in filters.items() if v is not None}
+        out: dict[str, Any] = self.request("GET", "/v1/audit", params=params)
+        return out
+
+
+def _error_from(response: httpx.Response) -> BrokerError:
+    try:
+        body = response.json()["error"]
+        cls = error_class_for(str(body.get("code", "")))
+        exc = cls(str(body.get("message", "")), call_id=body.get("call_id"),
+                  details={k: v for k, v in body.items() if k not in ("code", "message", "call_id")})
+    except (ValueError, KeyError, TypeError, AttributeError):
+        exc = BrokerError(f"HTTP {response.status_code}: {response.text[:200]}")
+    exc.http_status = response.status_code
+    return exc

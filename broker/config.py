@@ -1,0 +1,62 @@
+"""Settings: the one configuration object, read from ``BROKER_*`` environment variables.
+
+Built in an entry point (``broker serve``, ``broker dev``, tests) and passed down; never
+built at import time.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BROKER_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    data_dir: Path = Path(".broker")
+    database_url: str | None = None  # default: sqlite file broker.db in data_dir
+
+    vault_addr: str = "http://127.0.0.1:8200"
+    vault_token: SecretStr = SecretStr("")
+    vault_timeout: float = Field(default=5.0, gt=0)
+    secret_cache_ttl: float = Field(default=30.0, ge=0)
+
+    bootstrap_admin_token: SecretStr | None = None
+    egress_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    capabilities_dir: Path | None = None
+    policies_dir: Path | None = None
+    user_issuers: Annotated[list[dict[str, Any]], NoDecode] = Field(default_factory=list)
+
+    max_request_bytes: int = Field(default=1_048_576, gt=0)
+    max_response_bytes: int = Field(default=10_485_760, gt=0)
+    audit_timeout: float = Field(default=5.0, gt=0)
+    log_level: str = "info"
+
+    @field_validator("egress_allow", mode="before")
+    @classmethod
+    def _cidrs(cls, v: Any) -> list[str]:
+        items = [s.strip() for s in v.split(",")] if isinstance(v, str) else list(v or [])
+        items = [s for s in items if s]
+        for cidr in items:
+            ipaddress.ip_network(cidr, strict=False)  # raises ValueError on a typo
+        return items
+
+    @field_validator("user_issuers", mode="before")
+    @classmethod
+    def _issuers(cls, v: Any) -> list[dict[str, Any]]:
+        parsed = json.loads(v) if isinstance(v, str) and v.strip() else (v or [])
+        if not isinstance(parsed, list) or not all(isinstance(i, dict) for i in parsed):
+            raise ValueError("BROKER_USER_ISSUERS must be a JSON list of objects")
+        return parsed
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'broker.db').resolve()}"

@@ -1,0 +1,196 @@
+"""Storage foundation: SQLAlchemy tables, engine creation, migrations, and error translation.
+
+SQLite (WAL, synchronous=FULL) is the embedded default; PostgreSQL runs the same code. The
+schema is created by the Alembic migrations in ``broker/migrations`` and applied at start.
+SQLAlchemy is imported only here and in the storage modules (identity, registry, rulebook,
+audit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Engine,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+)
+from sqlalchemy.exc import SQLAlchemyError
+
+from broker.errors import BrokerError, StorageUnavailable
+
+T = TypeVar("T")
+
+metadata = MetaData()
+
+capabilities = Table(
+    "capabilities",
+    metadata,
+    Column("name", String(128), primary_key=True),
+    Column("version", Integer, nullable=False),
+    Column("manifest", Text, nullable=False),
+    Column("created_at", String(32), nullable=False),
+    Column("updated_at", String(32), nullable=False),
+)
+
+agents = Table(
+    "agents",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(128), nullable=False),
+    Column("attributes", Text, nullable=False),
+    Column("disabled", Boolean, nullable=False),
+    Column("created_at", String(32), nullable=False),
+)
+
+tokens = Table(
+    "tokens",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("agent_id", String(64), nullable=False, index=True),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("created_at", String(32), nullable=False),
+    Column("revoked_at", String(32), nullable=True),
+)
+
+role_grants = Table(
+    "role_grants",
+    metadata,
+    Column("subject", String(200), primary_key=True),
+    Column("role", String(200), primary_key=True),
+    Column("created_at", String(32), nullable=False),
+)
+
+policies = Table(
+    "policies",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("subject", String(200), nullable=False),
+    Column("object", String(200), nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("effect", String(8), nullable=False),
+    Column("condition", Text, nullable=True),
+    Column("source", String(16), nullable=False),
+    Column("created_at", String(32), nullable=False),
+)
+
+audit_events = Table(
+    "audit_events",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("chain_id", String(64), nullable=False),
+    Column("event_id", String(64), nullable=False, unique=True),
+    Column("call_id", String(64), nullable=True, index=True),
+    Column("time", String(32), nullable=False, index=True),
+    Column("kind", String(64), nullable=False, index=True),
+    Column("agent_id", String(64), nullable=True, index=True),
+    Column("capability", String(128), nullable=True, index=True),
+    Column("capability_version", Integer, nullable=True),
+    Column("decision", String(8), nullable=True),
+    Column("rule", String(128), nullable=True),
+    Column("reason", String(64), nullable=True),
+    Column("status", String(32), nullable=True),
+    Column("upstream_status", Integer, nullable=True),
+    Column("latency_ms", Float, nullable=True),
+    Column("cost", Float, nullable=True),
+    Column("task_id", String(128), nullable=True, index=True),
+    Column("trace_id", String(64), nullable=True),
+    Column("idempotency_key", String(256), nullable=True),
+    Column("data", Text, nullable=False),
+    Column("prev_hash", String(64), nullable=True),
+    Column("hash", String(64), nullable=True),
+)
+
+
+def utcnow() -> str:
+    """Timestamps are fixed-width ISO 8601 UTC text: they sort and compare the same everywhere."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+
+
+def make_engine(url: str, *, busy_timeout: float = 5.0) -> Engine:
+    """An engine with the durability settings the broker relies on."""
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": busy_timeout, "check_same_thread": False})
+        event.listen(engine, "connect", _sqlite_pragmas(busy_timeout))
+        return engine
+    # Bound every statement so a hung database turns into an error, not a hung request.
+    ms = int(busy_timeout * 1000)
+    options = f"-c statement_timeout={ms} -c lock_timeout={ms}"
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        connect_args={"options": options, "connect_timeout": max(1, int(busy_timeout))},
+    )
+
+
+def _sqlite_pragmas(busy_timeout: float) -> Callable[[Any, Any], None]:
+    def on_connect(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+        cur.close()
+
+    return on_connect
+
+
+def migrate(engine: Engine) -> None:
+    """Apply every Alembic migration up to head (idempotent)."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+def ping(engine: Engine) -> bool:
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+        return True
+    except SQLAlchemyError:
+        return False
+
+
+async def run(
+    fn: Callable[..., T],
+    *args: Any,
+    error: type[BrokerError] = StorageUnavailable,
+    timeout: float | None = None,
+) -> T:
+    """Run blocking storage work off the event loop; database failures become ``error``."""
+    try:
+        call = asyncio.to_thread(fn, *args)
+        return await (asyncio.wait_for(call, timeout) if timeout else call)
+    except SQLAlchemyError as exc:
+        raise translate(exc, error) from None
+    except TimeoutError:
+        raise error("the database did not answer in time") from None
+
+
+def translate(exc: SQLAlchemyError, error: type[BrokerError] = StorageUnavailable) -> BrokerError:
+    """Every SQLAlchemy failure becomes one broker error; the driver text stays in the logs."""
+    return error(f"{error.default_message} ({type(exc).__name__})")

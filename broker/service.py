@@ -1,0 +1,347 @@
+"""The Broker: every use case, on top of the ports. Entry points (api, cli, mcp) call these.
+
+The invoke pipeline (DESIGN.md "The call pipeline") lives in ``invoke``; every refusal is
+audited before it is raised. Rendering and redaction are pure functions of this core
+(render.py, redaction.py); everything with I/O sits behind a port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from broker import errors
+from broker.capabilities import Capability, slots_in
+from broker.errors import BrokerError
+from broker.ports import (
+    AuditEvent,
+    AuditLog,
+    CapabilityRegistry,
+    Directory,
+    PolicyEngine,
+    Principal,
+    Rulebook,
+    SecretStore,
+    SecretValue,
+    Upstream,
+    UpstreamResponse,
+)
+from broker.redaction import Redactor
+from broker.render import referenced_secrets, render
+
+if TYPE_CHECKING:
+    from broker.admin import Admin
+
+log = logging.getLogger("broker.calls")
+
+SAFE_PATH_VALUE = re.compile(r"^[A-Za-z0-9_.@-]+$")
+HEADER_TOKEN = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+
+
+@dataclass(frozen=True)
+class InvokeRequest:
+    token: str | None
+    capability: str
+    body: bytes
+    idempotency_key: str | None = None
+    task_id: str | None = None
+    trace_id: str | None = None
+
+
+@dataclass(frozen=True)
+class InvokeResult:
+    call_id: str
+    status: str
+    result: Any
+    upstream_status: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "call_id": self.call_id,
+            "status": self.status,
+            "result": self.result,
+            "upstream_status": self.upstream_status,
+        }
+
+
+@dataclass
+class Call:
+    """What is known about one invoke as it moves through the pipeline."""
+
+    call_id: str
+    request: InvokeRequest
+    principal: Principal | None = None
+    cap: Capability | None = None
+    args: Any = None
+    rule: str | None = None
+
+    def event(self, kind: str, **fields: Any) -> AuditEvent:
+        cap = self.cap
+        return AuditEvent(
+            kind=kind,
+            call_id=self.call_id,
+            agent_id=self.principal.agent_id if self.principal else None,
+            capability=cap.name if cap else self.request.capability,
+            capability_version=cap.version if cap else None,
+            rule=self.rule,
+            task_id=self.request.task_id,
+            trace_id=self.request.trace_id,
+            idempotency_key=self.request.idempotency_key,
+            **fields,
+        )
+
+
+class Broker:
+    """The invoke pipeline and the shared pieces; admin use cases hang off ``self.admin``."""
+
+    admin: Admin  # attached by bootstrap.build_broker
+
+    def __init__(
+        self,
+        *,
+        registry: CapabilityRegistry,
+        directory: Directory,
+        rulebook: Rulebook,
+        policy: PolicyEngine,
+        secrets: SecretStore,
+        upstream: Upstream,
+        audit: AuditLog,
+        max_response_bytes: int,
+    ) -> None:
+        self.registry = registry
+        self.directory = directory
+        self.rulebook = rulebook
+        self.policy = policy
+        self.secrets = secrets
+        self.upstream = upstream
+        self.audit = audit
+        self.max_response_bytes = max_response_bytes
+        self.on_start: list[Callable[[], Awaitable[None]]] = []
+        self.on_close: list[Callable[[], Awaitable[None]]] = []
+
+    async def start(self) -> None:
+        for hook in self.on_start:
+            await hook()
+
+    async def close(self) -> None:
+        await self.upstream.close()
+        await self.secrets.close()
+        for hook in self.on_close:
+            await hook()
+
+    async def ready(self) -> dict[str, bool]:
+        db_ok, vault_ok = await asyncio.gather(self.audit.ready(), self.secrets.ready())
+        return {"database": db_ok, "vault": vault_ok}
+
+    async def authenticate(self, token: str | None) -> Principal:
+        """Only tokens this broker issued are accepted (invariant 4)."""
+        if not token:
+            raise errors.Unauthenticated("missing bearer token")
+        found = await self.directory.find_token(token)
+        if found is None:
+            raise errors.Unauthenticated("unknown, revoked or disabled token")
+        agent, token_id = found
+        roles = tuple(r.removeprefix("role:") for r in self.policy.roles_of(f"agent:{agent.id}"))
+        return Principal(agent.id, agent.name, roles, dict(agent.attributes), token_id)
+
+    async def invoke(self, req: InvokeRequest) -> InvokeResult:
+        call = Call(call_id="call_" + uuid.uuid4().hex, request=req)
+        try:
+            await self._admit(call)
+        except BrokerError as exc:
+            await self._refuse(call, exc)
+            raise
+        assert call.cap is not None and call.principal is not None
+        await self._record_or_refuse(call, call.event("call.started", decision="allow",
+                                                      args=call.args))
+        return await self._execute(call, call.cap, call.principal)
+
+    # -- steps 1-5: nothing has happened yet ----------------------------------------------
+
+    async def _admit(self, call: Call) -> None:
+        req = call.request
+        _check_header_values(req)
+        call.principal = await self.authenticate(req.token)
+        call.cap = await self.registry.get(req.capability)
+        if call.cap is None:
+            raise errors.CapabilityNotFound(f"no capability named {req.capability!r}")
+        call.args = _parse_args(req.body)
+        call.cap.validate_args(call.args)
+        # A dry render with stand-in secrets refuses argument tricks before anything runs.
+        stand_ins = {name: "x" for name in call.cap.secrets}
+        render(call.cap, call.args, stand_ins, call.principal.agent_id)
+        decision = self.policy.decide(call.principal.subject, call.cap.name, "invoke")
+        call.rule = decision.rule
+        if not decision.allowed:
+            why = decision.reason or "no rule allows it"
+            raise errors.PolicyDenied(
+                f"{call.principal.subject} may not invoke {call.cap.name}: {why}",
+                details={"rule": decision.rule},
+            )
+
+    async def _refuse(self, call: Call, exc: BrokerError) -> None:
+        exc.call_id = call.call_id
+        kind = "call.denied" if isinstance(exc, errors.PolicyDenied) else "call.rejected"
+        event = call.event(kind, decision="deny", reason=exc.code, args=call.args,
+                           detail={"message": exc.message})
+        await self.record_refusal(event, exc)
+
+    async def record_refusal(self, event: AuditEvent, exc: BrokerError) -> None:
+        """Audit a refusal. The refusal stands even if the record cannot be written."""
+        try:
+            await self.audit.append(event)
+            exc.audited = True
+        except errors.AuditUnavailable:
+            log.error("audit unavailable while recording refusal %s (%s)", exc.code, event.call_id)
+        log.info("refused call=%s agent=%s capability=%s code=%s", event.call_id,
+                 event.agent_id, event.capability, exc.code)
+
+    async def _record_or_refuse(self, call: Call, event: AuditEvent) -> None:
+        try:
+            await self.audit.append(event)
+        except errors.AuditUnavailable as exc:
+            exc.call_id = call.call_id
+            log.error("audit unavailable: call %s refused, nothing executed", call.call_id)
+            raise
+
+    # -- steps 7-12: secrets, render, send, shape, record ----------------------------------
+
+    async def _execute(self, call: Call, cap: Capability, who: Principal) -> InvokeResult:
+        started = time.perf_counter()
+        resolved: list[SecretValue] = []
+        redactor = Redactor([])
+        try:
+            resolved = await self._resolve_secrets(cap, who)
+            redactor = Redactor([s.value for s in resolved])
+            values = dict(zip(referenced_names(cap), (s.value for s in resolved), strict=True))
+            request = _render_with_secrets(cap, call.args, values, who.agent_id)
+            limit = cap.http.max_response_bytes or self.max_response_bytes
+            response = await self.upstream.send(request, timeout=cap.http.timeout,
+                                                max_bytes=min(limit, self.max_response_bytes))
+            result = InvokeResult(call.call_id, *shape(cap, response, redactor))
+        except BrokerError as exc:
+            exc.call_id = call.call_id
+            exc.message = redactor.redact_text(exc.message)
+            await self._finish(call, resolved, started, status="failed", reason=exc.code,
+                               detail={"message": exc.message})
+            raise
+        await self._finish(call, resolved, started, status=result.status,
+                           upstream_status=result.upstream_status, cost=cap.limits.cost)
+        return result
+
+    async def _finish(
+        self, call: Call, resolved: list[SecretValue], started: float, **fields: Any
+    ) -> None:
+        latency = round((time.perf_counter() - started) * 1000, 3)
+        event = call.event("call.finished", decision="allow", latency_ms=latency,
+                           secrets=[s.reference() for s in resolved], **fields)
+        log.info("call=%s agent=%s capability=%s status=%s upstream=%s latency_ms=%s",
+                 call.call_id, event.agent_id, event.capability, fields.get("status"),
+                 fields.get("upstream_status"), latency)
+        try:
+            await self.audit.append(event)
+        except errors.AuditUnavailable as exc:
+            exc.call_id = call.call_id
+            exc.message = "the call ran but its outcome could not be recorded"
+            raise
+
+    async def _resolve_secrets(self, cap: Capability, who: Principal) -> list[SecretValue]:
+        names = referenced_names(cap)
+        reads = [
+            self.secrets.read(cap.secrets[n].mount, secret_path(cap.secrets[n].path, who),
+                              cap.secrets[n].key)
+            for n in names
+        ]
+        return list(await asyncio.gather(*reads))
+
+
+def referenced_names(cap: Capability) -> list[str]:
+    return sorted(referenced_secrets(cap))
+
+
+def secret_path(template: str, who: Principal) -> str:
+    """Fill {agent.id} / {agent.attributes.X}; each value must be one safe path segment."""
+
+    def value(slot: str) -> str:
+        if slot == "agent.id":
+            v: str | None = who.agent_id
+        elif slot.startswith("agent.attributes."):
+            v = who.attributes.get(slot.removeprefix("agent.attributes."))
+        else:
+            v = None  # {user.*} needs a verified user (a later feature): fail closed
+        if v is None or not SAFE_PATH_VALUE.match(v) or v in (".", ".."):
+            raise errors.SecretUnavailable(f"secret path slot {{{slot}}} has no usable value "
+                                           "for this agent")
+        return v
+
+    out = template
+    for slot in slots_in(template):
+        out = out.replace("{" + slot + "}", value(slot))
+    return out
+
+
+def _render_with_secrets(cap: Capability, args: Any, values: Mapping[str, str],
+                         agent_id: str) -> Any:
+    try:
+        return render(cap, args, values, agent_id)
+    except errors.InvalidArguments:
+        # Arguments passed the dry render, so the secret value itself is unusable here.
+        raise errors.SecretUnavailable("a secret value cannot be used in this request") from None
+
+
+def _parse_args(body: bytes) -> Any:
+    if not body.strip():
+        return {}
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise errors.InvalidRequest("the body is not valid JSON") from None
+    if not isinstance(payload, dict) or set(payload) - {"args"}:
+        raise errors.InvalidRequest('the body must be {"args": {...}}')
+    args = payload.get("args", {})
+    if not isinstance(args, dict):
+        raise errors.InvalidArguments("args must be a JSON object")
+    return args
+
+
+def _check_header_values(req: InvokeRequest) -> None:
+    for name, value in (("Idempotency-Key", req.idempotency_key), ("X-Broker-Task", req.task_id)):
+        if value is not None and not HEADER_TOKEN.match(value):
+            raise errors.InvalidRequest(f"{name} must be 1-128 characters of [A-Za-z0-9._:/+=-]")
+
+
+def shape(
+    cap: Capability, response: UpstreamResponse, redactor: Redactor
+) -> tuple[str, Any, int]:
+    """(status, result, upstream_status): declared fields only, every secret redacted."""
+    body: Any = _decode(response)
+    if cap.result.fields is not None and isinstance(body, dict) and 200 <= response.status < 300:
+        body = {f: _pick(body, f) for f in cap.result.fields}
+    status = "succeeded" if 200 <= response.status < 300 else "upstream_error"
+    return status, redactor.redact(body), response.status
+
+
+def _decode(response: UpstreamResponse) -> Any:
+    text = response.body.decode("utf-8", errors="replace")
+    if "json" in response.content_type.lower() or text[:1] in ("{", "["):
+        try:
+            return json.loads(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _pick(body: Mapping[str, Any], path: str) -> Any:
+    node: Any = body
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
