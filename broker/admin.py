@@ -33,24 +33,43 @@ class Admin:
             who = await self.b.authenticate(token)
         except BrokerError as exc:
             await self.b.record_refusal(
-                AuditEvent(kind="admin.rejected", decision="deny", reason=exc.code,
-                           detail={"action": action, "object": obj}), exc)
+                AuditEvent(
+                    kind="admin.rejected",
+                    decision="deny",
+                    reason=exc.code,
+                    detail={"action": action, "object": obj},
+                ),
+                exc,
+            )
             raise
         decision = self.b.policy.decide(who.subject, obj, action)
         if not decision.allowed:
-            denied = errors.PolicyDenied(f"{who.subject} may not {action} on {obj}",
-                                         details={"rule": decision.rule})
+            denied = errors.PolicyDenied(
+                f"{who.subject} may not {action} on {obj}", details={"rule": decision.rule}
+            )
             await self.b.record_refusal(
-                AuditEvent(kind="admin.denied", agent_id=who.agent_id, decision="deny",
-                           rule=decision.rule, reason=denied.code,
-                           detail={"action": action, "object": obj}), denied)
+                AuditEvent(
+                    kind="admin.denied",
+                    agent_id=who.agent_id,
+                    decision="deny",
+                    rule=decision.rule,
+                    reason=denied.code,
+                    detail={"action": action, "object": obj},
+                ),
+                denied,
+            )
             raise denied
         return who
 
     async def _audit(self, who: Principal | None, kind: str, **detail: Any) -> None:
-        event = AuditEvent(kind=kind, agent_id=who.agent_id if who else None,
-                           decision="allow", capability=detail.pop("capability", None),
-                           capability_version=detail.pop("version", None), detail=detail)
+        event = AuditEvent(
+            kind=kind,
+            agent_id=who.agent_id if who else None,
+            decision="allow",
+            capability=detail.pop("capability", None),
+            capability_version=detail.pop("version", None),
+            detail=detail,
+        )
         await self.b.audit.append(event)
 
     async def reload_policy(self) -> None:
@@ -73,8 +92,9 @@ class Admin:
 
     async def apply_capability(self, who: Principal | None, cap: Capability) -> Capability:
         stored = await self.b.registry.put(cap)
-        await self._audit(who, "admin.capability.put", capability=stored.name,
-                          version=stored.version)
+        await self._audit(
+            who, "admin.capability.put", capability=stored.name, version=stored.version
+        )
         return stored
 
     async def get_capability(self, token: str | None, name: str) -> dict[str, Any]:
@@ -118,8 +138,9 @@ class Admin:
             await self.b.directory.grant(f"agent:{name}", f"role:{role}")
         if roles:
             await self.reload_policy()
-        await self._audit(who, "admin.agent.create", agent=name, roles=list(roles),
-                          token_id=token_id)
+        await self._audit(
+            who, "admin.agent.create", agent=name, roles=list(roles), token_id=token_id
+        )
         record = await self.b.directory.get_agent(name)
         assert record is not None
         return record, secret, token_id

@@ -25,8 +25,9 @@ from broker.service import Broker, InvokeRequest
 log = logging.getLogger("broker.api")
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
-ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]],
-                   Awaitable[None]]
+ASGIApp = Callable[
+    [Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]
+]
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": models.ErrorEnvelope} for code in (400, 401, 403, 404, 409, 413, 422, 503)
@@ -82,8 +83,14 @@ async def audit_rejection(broker: Broker, path: str, token: str | None, exc: Bro
             agent_id = None
     kind = "call.rejected" if path.endswith("/invoke") else "admin.rejected"
     capability = path.split("/")[3] if kind == "call.rejected" else None
-    event = AuditEvent(kind=kind, agent_id=agent_id, capability=capability, decision="deny",
-                       reason=exc.code, detail={"path": path, "message": exc.message})
+    event = AuditEvent(
+        kind=kind,
+        agent_id=agent_id,
+        capability=capability,
+        decision="deny",
+        reason=exc.code,
+        detail={"path": path, "message": exc.message},
+    )
     await broker.record_refusal(event, exc)
 
 
@@ -91,8 +98,9 @@ def _install_error_handlers(app: FastAPI, broker: Broker) -> None:
     async def on_broker_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, BrokerError)
         if exc.status < 500 or isinstance(exc, errors.RequestTooLarge):
-            await audit_rejection(broker, request.url.path,
-                                  bearer(request.headers.get("authorization")), exc)
+            await audit_rejection(
+                broker, request.url.path, bearer(request.headers.get("authorization")), exc
+            )
         return render_error(exc)
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
@@ -136,8 +144,9 @@ class BodyLimit:
         body = await self._read(headers, receive)
         if body is None:
             exc = errors.RequestTooLarge(f"the request body exceeds {self.limit} bytes")
-            await audit_rejection(self.broker, scope["path"], bearer(headers.get("authorization")),
-                                  exc)
+            await audit_rejection(
+                self.broker, scope["path"], bearer(headers.get("authorization")), exc
+            )
             await render_error(exc)(scope, receive, send)
             return
         sent = False
@@ -212,8 +221,11 @@ def _capability_routes(app: FastAPI, broker: Broker) -> None:
         "/v1/capabilities/{name}/invoke",
         tags=["calls"],
         response_model=models.InvokeOut,
-        openapi_extra={"requestBody": {"content": {"application/json": {
-            "schema": models.InvokeIn.model_json_schema()}}}},
+        openapi_extra={
+            "requestBody": {
+                "content": {"application/json": {"schema": models.InvokeIn.model_json_schema()}}
+            }
+        },
     )
     async def invoke(
         name: str,
@@ -223,14 +235,16 @@ def _capability_routes(app: FastAPI, broker: Broker) -> None:
         x_broker_task: Annotated[str | None, Header()] = None,
         traceparent: Annotated[str | None, Header()] = None,
     ) -> Any:
-        result = await broker.invoke(InvokeRequest(
-            token=bearer(authorization),
-            capability=name,
-            body=await request.body(),
-            idempotency_key=idempotency_key,
-            task_id=x_broker_task,
-            trace_id=_trace_id(traceparent),
-        ))
+        result = await broker.invoke(
+            InvokeRequest(
+                token=bearer(authorization),
+                capability=name,
+                body=await request.body(),
+                idempotency_key=idempotency_key,
+                task_id=x_broker_task,
+                trace_id=_trace_id(traceparent),
+            )
+        )
         return result.to_dict()
 
 
@@ -242,8 +256,15 @@ def _trace_id(traceparent: str | None) -> str | None:
 
 
 def _agent_out(a: AgentRecord) -> dict[str, Any]:
-    return {"id": a.id, "name": a.name, "roles": list(a.roles), "attributes": dict(a.attributes),
-            "disabled": a.disabled, "created_at": a.created_at, "tokens": list(a.tokens)}
+    return {
+        "id": a.id,
+        "name": a.name,
+        "roles": list(a.roles),
+        "attributes": dict(a.attributes),
+        "disabled": a.disabled,
+        "created_at": a.created_at,
+        "tokens": list(a.tokens),
+    }
 
 
 def _agent_routes(app: FastAPI, broker: Broker) -> None:
@@ -252,9 +273,15 @@ def _agent_routes(app: FastAPI, broker: Broker) -> None:
     @app.post("/v1/agents", tags=["agents"], status_code=201, response_model=models.AgentCreated)
     async def create_agent(body: models.AgentCreate, authorization: Token = None) -> Any:
         rec, token, token_id = await admin.create_agent(
-            bearer(authorization), body.name, body.roles, body.attributes)
-        return {"id": rec.id, "name": rec.name, "token": token, "token_id": token_id,
-                "roles": list(rec.roles)}
+            bearer(authorization), body.name, body.roles, body.attributes
+        )
+        return {
+            "id": rec.id,
+            "name": rec.name,
+            "token": token,
+            "token_id": token_id,
+            "roles": list(rec.roles),
+        }
 
     @app.get("/v1/agents", tags=["agents"], response_model=models.AgentList)
     async def list_agents(authorization: Token = None) -> Any:
@@ -264,8 +291,12 @@ def _agent_routes(app: FastAPI, broker: Broker) -> None:
     async def get_agent(agent_id: str, authorization: Token = None) -> Any:
         return _agent_out(await admin.get_agent(bearer(authorization), agent_id))
 
-    @app.post("/v1/agents/{agent_id}/tokens", tags=["agents"], status_code=201,
-              response_model=models.TokenCreated)
+    @app.post(
+        "/v1/agents/{agent_id}/tokens",
+        tags=["agents"],
+        status_code=201,
+        response_model=models.TokenCreated,
+    )
     async def issue_token(agent_id: str, authorization: Token = None) -> Any:
         token_id, token = await admin.issue_token(bearer(authorization), agent_id)
         return {"agent_id": agent_id, "token": token, "token_id": token_id}
@@ -308,8 +339,9 @@ def _policy_routes(app: FastAPI, broker: Broker) -> None:
 
     @app.post("/v1/policies/check", tags=["policies"], response_model=models.PolicyCheckOut)
     async def check_policy(body: models.PolicyCheckIn, authorization: Token = None) -> Any:
-        d = await admin.check_policy(bearer(authorization), body.subject, body.agent,
-                                     body.object, body.action)
+        d = await admin.check_policy(
+            bearer(authorization), body.subject, body.agent, body.object, body.action
+        )
         return {"allowed": d.allowed, "rule": d.rule, "reason": d.reason}
 
 
@@ -330,8 +362,17 @@ def _audit_routes(app: FastAPI, broker: Broker) -> None:
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         cursor: str | None = None,
     ) -> Any:
-        q = AuditQuery(agent=agent, capability=capability, kind=kind, decision=decision,
-                       since=since, until=until, call_id=call_id, task_id=task, limit=limit,
-                       cursor=cursor)
+        q = AuditQuery(
+            agent=agent,
+            capability=capability,
+            kind=kind,
+            decision=decision,
+            since=since,
+            until=until,
+            call_id=call_id,
+            task_id=task,
+            limit=limit,
+            cursor=cursor,
+        )
         events, next_cursor = await admin.query_audit(bearer(authorization), q)
         return {"events": events, "next_cursor": next_cursor}

@@ -93,6 +93,8 @@ def _decode_cursor(cursor: str) -> int:
 def _event(row: Any) -> dict[str, Any]:
     data = json.loads(row["data"])
     out = {k: row[k] for k in ("seq", "event_id", "chain_id", "time", *_COLUMNS)}
-    out.update(args=data.get("args"), secrets=data.get("secrets", []), detail=data.get("detail", {}))
+    out.update(
+        args=data.get("args"), secrets=data.get("secrets", []), detail=data.get("detail", {})
+    )
     out.update(prev_hash=row["prev_hash"], hash=row["hash"])
     return out

@@ -56,9 +56,13 @@ class SecretRef(BaseModel):
     @classmethod
     def _path_slots(cls, v: str) -> str:
         for slot in slots_in(v):
-            if slot != "agent.id" and not re.match(r"^(agent\.attributes|user)\.[A-Za-z0-9_-]+$|^user\.id$", slot):
-                raise ValueError(f"secret path slot {{{slot}}} is not allowed "
-                                 "(use {agent.id}, {agent.attributes.X} or {user.id})")
+            if slot != "agent.id" and not re.match(
+                r"^(agent\.attributes|user)\.[A-Za-z0-9_-]+$|^user\.id$", slot
+            ):
+                raise ValueError(
+                    f"secret path slot {{{slot}}} is not allowed "
+                    "(use {agent.id}, {agent.attributes.X} or {user.id})"
+                )
         if ".." in v.split("/"):
             raise ValueError("secret path may not contain '..'")
         return v
@@ -161,7 +165,9 @@ class Capability(BaseModel):
             Draft202012Validator.check_schema(v)
         except jsonschema.SchemaError as exc:
             where = "/".join(str(p) for p in exc.path) or "(root)"
-            raise ValueError(f"input is not a valid JSON Schema at {where}: {exc.message}") from None
+            raise ValueError(
+                f"input is not a valid JSON Schema at {where}: {exc.message}"
+            ) from None
         if v.get("type") != "object":
             raise ValueError("input must be a JSON Schema with type: object")
         return v
@@ -175,7 +181,9 @@ class Capability(BaseModel):
         """Check the agent's arguments against the input schema (raises InvalidArguments)."""
         if not isinstance(args, dict):
             raise InvalidArguments("args must be a JSON object")
-        errors = sorted(Draft202012Validator(self.input).iter_errors(args), key=lambda e: list(e.path))
+        errors = sorted(
+            Draft202012Validator(self.input).iter_errors(args), key=lambda e: list(e.path)
+        )
         if errors:
             first = errors[0]
             where = "/".join(str(p) for p in first.path) or "(root)"

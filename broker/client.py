@@ -28,8 +28,14 @@ class BrokerClient:
         base = url or os.environ.get("BROKER_URL") or "http://127.0.0.1:8080"
         token = token if token is not None else os.environ.get("BROKER_TOKEN")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=base, headers=headers, timeout=timeout,
-                                  transport=transport, follow_redirects=False, trust_env=False)
+        self._http = httpx.Client(
+            base_url=base,
+            headers=headers,
+            timeout=timeout,
+            transport=transport,
+            follow_redirects=False,
+            trust_env=False,
+        )
 
     def __enter__(self) -> BrokerClient:
         return self
@@ -66,7 +72,9 @@ class BrokerClient:
         if task:
             headers["X-Broker-Task"] = task
         result: dict[str, Any] = self.request(
-            "POST", f"/v1/capabilities/{capability}/invoke", json={"args": args or {}},
+            "POST",
+            f"/v1/capabilities/{capability}/invoke",
+            json={"args": args or {}},
             headers=headers,
         )
         return result
@@ -81,8 +89,9 @@ class BrokerClient:
     # -- admin -----------------------------------------------------------------------------
 
     def put_capability(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = self.request("PUT", f"/v1/capabilities/{manifest['name']}",
-                                           json=manifest)
+        out: dict[str, Any] = self.request(
+            "PUT", f"/v1/capabilities/{manifest['name']}", json=manifest
+        )
         return out
 
     def get_capability(self, name: str) -> dict[str, Any]:
@@ -137,8 +146,13 @@ class BrokerClient:
     def add_policy(
         self, subject: str, object: str, action: str = "invoke", effect: str = "allow"
     ) -> dict[str, Any]:
-        body = {"subject": subject, "object": object, "action": action, "effect": effect,
-                "condition": None}
+        body = {
+            "subject": subject,
+            "object": object,
+            "action": action,
+            "effect": effect,
+            "condition": None,
+        }
         out: dict[str, Any] = self.request("POST", "/v1/policies", json=body)
         return out
 
@@ -146,7 +160,11 @@ class BrokerClient:
         self.request("DELETE", f"/v1/policies/{rule_id}")
 
     def check_policy(
-        self, object: str, *, agent: str | None = None, subject: str | None = None,
+        self,
+        object: str,
+        *,
+        agent: str | None = None,
+        subject: str | None = None,
         action: str = "invoke",
     ) -> dict[str, Any]:
         body = {"object": object, "action": action, "agent": agent, "subject": subject}
@@ -163,8 +181,11 @@ def _error_from(response: httpx.Response) -> BrokerError:
     try:
         body = response.json()["error"]
         cls = error_class_for(str(body.get("code", "")))
-        exc = cls(str(body.get("message", "")), call_id=body.get("call_id"),
-                  details={k: v for k, v in body.items() if k not in ("code", "message", "call_id")})
+        exc = cls(
+            str(body.get("message", "")),
+            call_id=body.get("call_id"),
+            details={k: v for k, v in body.items() if k not in ("code", "message", "call_id")},
+        )
     except (ValueError, KeyError, TypeError, AttributeError):
         exc = BrokerError(f"HTTP {response.status_code}: {response.text[:200]}")
     exc.http_status = response.status_code

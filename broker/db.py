@@ -130,7 +130,9 @@ def make_engine(url: str, *, busy_timeout: float = 5.0) -> Engine:
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": busy_timeout, "check_same_thread": False})
+        engine = create_engine(
+            url, connect_args={"timeout": busy_timeout, "check_same_thread": False}
+        )
         event.listen(engine, "connect", _sqlite_pragmas(busy_timeout))
         return engine
     # Bound every statement so a hung database turns into an error, not a hung request.

@@ -20,7 +20,7 @@ from broker import db
 from broker.errors import Conflict
 from broker.ports import AgentRecord, Grant
 
-TOKEN_PREFIX = "cbk_"
+TOKEN_PREFIX = "cbk_"  # noqa: S105 (a prefix, not a secret)
 
 
 def new_token() -> tuple[str, str]:
@@ -177,7 +177,9 @@ class SqlDirectory:
         try:
             with self._engine.begin() as conn:
                 conn.execute(
-                    insert(db.role_grants).values(subject=subject, role=role, created_at=db.utcnow())
+                    insert(db.role_grants).values(
+                        subject=subject, role=role, created_at=db.utcnow()
+                    )
                 )
             return True
         except IntegrityError:

@@ -39,7 +39,9 @@ class SqlCapabilityRegistry:
                     )
                 )
                 return cap
-            if json.loads(row.manifest) == _as_dict(cap.model_copy(update={"version": row.version})):
+            if json.loads(row.manifest) == _as_dict(
+                cap.model_copy(update={"version": row.version})
+            ):
                 return cap.model_copy(update={"version": row.version})  # unchanged: no new version
             stored = cap.model_copy(update={"version": max(row.version + 1, cap.version)})
             conn.execute(
@@ -62,7 +64,7 @@ class SqlCapabilityRegistry:
     async def list(self) -> builtins.list[Capability]:
         return await db.run(self._list)
 
-    def _list(self) -> list[Capability]:
+    def _list(self) -> builtins.list[Capability]:
         with self._engine.connect() as conn:
             rows = conn.execute(
                 select(db.capabilities.c.manifest).order_by(db.capabilities.c.name)

@@ -43,12 +43,14 @@ class SqlRulebook:
 
     def _delete(self, rule_id: str) -> bool:
         with self._engine.begin() as conn:
-            return bool(conn.execute(delete(db.policies).where(db.policies.c.id == rule_id)).rowcount)
+            return bool(
+                conn.execute(delete(db.policies).where(db.policies.c.id == rule_id)).rowcount
+            )
 
     async def list(self) -> builtins.list[Rule]:
         return await db.run(self._list)
 
-    def _list(self) -> list[Rule]:
+    def _list(self) -> builtins.list[Rule]:
         with self._engine.connect() as conn:
             rows = conn.execute(select(db.policies).order_by(db.policies.c.created_at)).all()
         return [

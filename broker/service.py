@@ -159,8 +159,9 @@ class Broker:
             await self._refuse(call, exc)
             raise
         assert call.cap is not None and call.principal is not None
-        await self._record_or_refuse(call, call.event("call.started", decision="allow",
-                                                      args=call.args))
+        await self._record_or_refuse(
+            call, call.event("call.started", decision="allow", args=call.args)
+        )
         return await self._execute(call, call.cap, call.principal)
 
     # -- steps 1-5: nothing has happened yet ----------------------------------------------
@@ -189,8 +190,9 @@ class Broker:
     async def _refuse(self, call: Call, exc: BrokerError) -> None:
         exc.call_id = call.call_id
         kind = "call.denied" if isinstance(exc, errors.PolicyDenied) else "call.rejected"
-        event = call.event(kind, decision="deny", reason=exc.code, args=call.args,
-                           detail={"message": exc.message})
+        event = call.event(
+            kind, decision="deny", reason=exc.code, args=call.args, detail={"message": exc.message}
+        )
         await self.record_refusal(event, exc)
 
     async def record_refusal(self, event: AuditEvent, exc: BrokerError) -> None:
@@ -200,8 +202,13 @@ class Broker:
             exc.audited = True
         except errors.AuditUnavailable:
             log.error("audit unavailable while recording refusal %s (%s)", exc.code, event.call_id)
-        log.info("refused call=%s agent=%s capability=%s code=%s", event.call_id,
-                 event.agent_id, event.capability, exc.code)
+        log.info(
+            "refused call=%s agent=%s capability=%s code=%s",
+            event.call_id,
+            event.agent_id,
+            event.capability,
+            exc.code,
+        )
 
     async def _record_or_refuse(self, call: Call, event: AuditEvent) -> None:
         try:
@@ -223,28 +230,52 @@ class Broker:
             values = dict(zip(referenced_names(cap), (s.value for s in resolved), strict=True))
             request = _render_with_secrets(cap, call.args, values, who.agent_id)
             limit = cap.http.max_response_bytes or self.max_response_bytes
-            response = await self.upstream.send(request, timeout=cap.http.timeout,
-                                                max_bytes=min(limit, self.max_response_bytes))
+            response = await self.upstream.send(
+                request, timeout=cap.http.timeout, max_bytes=min(limit, self.max_response_bytes)
+            )
             result = InvokeResult(call.call_id, *shape(cap, response, redactor))
         except BrokerError as exc:
             exc.call_id = call.call_id
             exc.message = redactor.redact_text(exc.message)
-            await self._finish(call, resolved, started, status="failed", reason=exc.code,
-                               detail={"message": exc.message})
+            await self._finish(
+                call,
+                resolved,
+                started,
+                status="failed",
+                reason=exc.code,
+                detail={"message": exc.message},
+            )
             raise
-        await self._finish(call, resolved, started, status=result.status,
-                           upstream_status=result.upstream_status, cost=cap.limits.cost)
+        await self._finish(
+            call,
+            resolved,
+            started,
+            status=result.status,
+            upstream_status=result.upstream_status,
+            cost=cap.limits.cost,
+        )
         return result
 
     async def _finish(
         self, call: Call, resolved: list[SecretValue], started: float, **fields: Any
     ) -> None:
         latency = round((time.perf_counter() - started) * 1000, 3)
-        event = call.event("call.finished", decision="allow", latency_ms=latency,
-                           secrets=[s.reference() for s in resolved], **fields)
-        log.info("call=%s agent=%s capability=%s status=%s upstream=%s latency_ms=%s",
-                 call.call_id, event.agent_id, event.capability, fields.get("status"),
-                 fields.get("upstream_status"), latency)
+        event = call.event(
+            "call.finished",
+            decision="allow",
+            latency_ms=latency,
+            secrets=[s.reference() for s in resolved],
+            **fields,
+        )
+        log.info(
+            "call=%s agent=%s capability=%s status=%s upstream=%s latency_ms=%s",
+            call.call_id,
+            event.agent_id,
+            event.capability,
+            fields.get("status"),
+            fields.get("upstream_status"),
+            latency,
+        )
         try:
             await self.audit.append(event)
         except errors.AuditUnavailable as exc:
@@ -255,8 +286,9 @@ class Broker:
     async def _resolve_secrets(self, cap: Capability, who: Principal) -> list[SecretValue]:
         names = referenced_names(cap)
         reads = [
-            self.secrets.read(cap.secrets[n].mount, secret_path(cap.secrets[n].path, who),
-                              cap.secrets[n].key)
+            self.secrets.read(
+                cap.secrets[n].mount, secret_path(cap.secrets[n].path, who), cap.secrets[n].key
+            )
             for n in names
         ]
         return list(await asyncio.gather(*reads))
@@ -277,8 +309,9 @@ def secret_path(template: str, who: Principal) -> str:
         else:
             v = None  # {user.*} needs a verified user (a later feature): fail closed
         if v is None or not SAFE_PATH_VALUE.match(v) or v in (".", ".."):
-            raise errors.SecretUnavailable(f"secret path slot {{{slot}}} has no usable value "
-                                           "for this agent")
+            raise errors.SecretUnavailable(
+                f"secret path slot {{{slot}}} has no usable value for this agent"
+            )
         return v
 
     out = template
@@ -287,8 +320,9 @@ def secret_path(template: str, who: Principal) -> str:
     return out
 
 
-def _render_with_secrets(cap: Capability, args: Any, values: Mapping[str, str],
-                         agent_id: str) -> Any:
+def _render_with_secrets(
+    cap: Capability, args: Any, values: Mapping[str, str], agent_id: str
+) -> Any:
     try:
         return render(cap, args, values, agent_id)
     except errors.InvalidArguments:
@@ -317,9 +351,7 @@ def _check_header_values(req: InvokeRequest) -> None:
             raise errors.InvalidRequest(f"{name} must be 1-128 characters of [A-Za-z0-9._:/+=-]")
 
 
-def shape(
-    cap: Capability, response: UpstreamResponse, redactor: Redactor
-) -> tuple[str, Any, int]:
+def shape(cap: Capability, response: UpstreamResponse, redactor: Redactor) -> tuple[str, Any, int]:
     """(status, result, upstream_status): declared fields only, every secret redacted."""
     body: Any = _decode(response)
     if cap.result.fields is not None and isinstance(body, dict) and 200 <= response.status < 300:

@@ -1,4 +1,4 @@
-"""The call pipeline end to end: real broker, real OpenBao, real upstreams, SQLite and PostgreSQL."""
+"""The call pipeline end to end: real broker, OpenBao and upstreams, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -51,8 +51,13 @@ def setup(running_broker: RunningBroker, upstream: RunningUpstream) -> RunningBr
     return rb
 
 
-def invoke(rb: RunningBroker, token: str | None, args: dict[str, Any] | None = None,
-           name: str = "test.echo", **kw: Any) -> Any:
+def invoke(
+    rb: RunningBroker,
+    token: str | None,
+    args: dict[str, Any] | None = None,
+    name: str = "test.echo",
+    **kw: Any,
+) -> Any:
     return rb.http(token).post(f"/v1/capabilities/{name}/invoke", json={"args": args or {}}, **kw)
 
 
@@ -96,12 +101,17 @@ def test_httpbin_authenticates_with_the_injected_bearer(
 ) -> None:
     rb = running_broker
     rb.secret("tests/httpbin", {"token": SECRET})
-    rb.admin.put_capability({
-        "name": "httpbin.bearer",
-        "secrets": {"t": {"path": "tests/httpbin", "key": "token"}},
-        "http": {"method": "GET", "url": f"{httpbin_url}/bearer",
-                 "headers": {"Authorization": "Bearer {secrets.t}"}},
-    })
+    rb.admin.put_capability(
+        {
+            "name": "httpbin.bearer",
+            "secrets": {"t": {"path": "tests/httpbin", "key": "token"}},
+            "http": {
+                "method": "GET",
+                "url": f"{httpbin_url}/bearer",
+                "headers": {"Authorization": "Bearer {secrets.t}"},
+            },
+        }
+    )
     rb.admin.add_policy("role:tester", "httpbin.*")
     r = invoke(rb, rb.agent("bob", ["tester"]), name="httpbin.bearer")
     assert r.status_code == 200, r.text
@@ -169,8 +179,11 @@ def test_per_agent_secret_paths(running_broker: RunningBroker, upstream: Running
     for name in ("erin", "frank", "erin"):
         assert invoke(rb, tokens[name], {"message": "m"}, name="test.mine").status_code == 200
     sent = [r.header("authorization") for r in upstream.requests]
-    assert sent == ["Bearer erin-credential-1", "Bearer frank-credential-2",
-                    "Bearer erin-credential-1"]
+    assert sent == [
+        "Bearer erin-credential-1",
+        "Bearer frank-credential-2",
+        "Bearer erin-credential-1",
+    ]
     # An agent without its own secret gets no one else's: 503, nothing sent.
     r = invoke(rb, tokens["gina"], {"message": "m"}, name="test.mine")
     assert r.status_code == 503 and r.json()["error"]["code"] == "secret_unavailable"
@@ -180,14 +193,16 @@ def test_per_agent_secret_paths(running_broker: RunningBroker, upstream: Running
 # -- authentication and authorisation ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("header", [None, "Bearer", "Bearer nope", "Basic YWRtaW46YWRtaW4=",
-                                    "Bearer cbk_forged"])
+@pytest.mark.parametrize(
+    "header", [None, "Bearer", "Bearer nope", "Basic YWRtaW46YWRtaW4=", "Bearer cbk_forged"]
+)
 def test_unauthenticated_is_401_and_audited(
     setup: RunningBroker, upstream: RunningUpstream, header: str | None
 ) -> None:
     headers = {"Authorization": header} if header is not None else {}
-    r = setup.http().post("/v1/capabilities/test.echo/invoke", json={"args": {"message": "m"}},
-                          headers=headers)
+    r = setup.http().post(
+        "/v1/capabilities/test.echo/invoke", json={"args": {"message": "m"}}, headers=headers
+    )
     assert r.status_code == 401 and r.json()["error"]["code"] == "unauthenticated"
     call_id = r.json()["error"]["call_id"]
     assert [e["reason"] for e in setup.audit(call_id=call_id)] == ["unauthenticated"]
@@ -245,7 +260,9 @@ def test_revocations_take_effect_on_the_next_call(
     assert len(upstream.requests) == 3
 
 
-def test_agent_lists_only_what_it_may_invoke(setup: RunningBroker, upstream: RunningUpstream) -> None:
+def test_agent_lists_only_what_it_may_invoke(
+    setup: RunningBroker, upstream: RunningUpstream
+) -> None:
     setup.admin.put_capability(echo_manifest(upstream.url, "other.echo"))
     setup.admin.put_capability(echo_manifest(upstream.url, "test.hidden"))
     setup.admin.add_policy("role:tester", "test.hidden", effect="deny")
@@ -297,10 +314,15 @@ def test_invalid_arguments_are_422_and_nothing_is_sent(
 
 
 @pytest.mark.parametrize("raw", [b"{not json", b'"args"', b'{"args": {}, "x": 1}', b"\xff\xfe"])
-def test_malformed_bodies_are_400(setup: RunningBroker, upstream: RunningUpstream, raw: bytes) -> None:
+def test_malformed_bodies_are_400(
+    setup: RunningBroker, upstream: RunningUpstream, raw: bytes
+) -> None:
     token = setup.agent("olga", ["tester"])
-    r = setup.http(token).post("/v1/capabilities/test.echo/invoke", content=raw,
-                               headers={"Content-Type": "application/json"})
+    r = setup.http(token).post(
+        "/v1/capabilities/test.echo/invoke",
+        content=raw,
+        headers={"Content-Type": "application/json"},
+    )
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request"
     assert upstream.requests == []
     assert setup.audit(call_id=r.json()["error"]["call_id"])[0]["kind"] == "call.rejected"
@@ -315,11 +337,21 @@ def test_unknown_capability_is_404_and_audited(setup: RunningBroker) -> None:
 def injection_manifest(url: str) -> dict[str, Any]:
     return {
         "name": "test.inject",
-        "input": {"type": "object", "required": ["owner", "q", "h"],
-                  "properties": {"owner": {"type": "string"}, "q": {"type": "string"},
-                                 "h": {"type": "string"}}},
-        "http": {"method": "GET", "url": f"{url}/echo/{{args.owner}}/items",
-                 "query": {"q": "{args.q}"}, "headers": {"X-Note": "{args.h}"}},
+        "input": {
+            "type": "object",
+            "required": ["owner", "q", "h"],
+            "properties": {
+                "owner": {"type": "string"},
+                "q": {"type": "string"},
+                "h": {"type": "string"},
+            },
+        },
+        "http": {
+            "method": "GET",
+            "url": f"{url}/echo/{{args.owner}}/items",
+            "query": {"q": "{args.q}"},
+            "headers": {"X-Note": "{args.h}"},
+        },
     }
 
 
@@ -331,8 +363,12 @@ def test_path_arguments_stay_one_segment(
     setup: RunningBroker, upstream: RunningUpstream, owner: str
 ) -> None:
     setup.admin.put_capability(injection_manifest(upstream.url))
-    r = invoke(setup, setup.agent("quinn", ["tester"]), {"owner": owner, "q": "a&admin=1", "h": "ok"},
-               name="test.inject")
+    r = invoke(
+        setup,
+        setup.agent("quinn", ["tester"]),
+        {"owner": owner, "q": "a&admin=1", "h": "ok"},
+        name="test.inject",
+    )
     assert r.status_code == 200, r.text
     [seen] = upstream.requests
     path, _, query = seen.raw_path.partition("?")
@@ -345,8 +381,12 @@ def test_path_arguments_that_change_depth_are_refused(
     setup: RunningBroker, upstream: RunningUpstream, owner: str
 ) -> None:
     setup.admin.put_capability(injection_manifest(upstream.url))
-    r = invoke(setup, setup.agent("rita", ["tester"]), {"owner": owner, "q": "a", "h": "ok"},
-               name="test.inject")
+    r = invoke(
+        setup,
+        setup.agent("rita", ["tester"]),
+        {"owner": owner, "q": "a", "h": "ok"},
+        name="test.inject",
+    )
     assert r.status_code == 422
     assert upstream.requests == []
 
@@ -356,8 +396,12 @@ def test_header_injection_is_refused(
     setup: RunningBroker, upstream: RunningUpstream, value: str
 ) -> None:
     setup.admin.put_capability(injection_manifest(upstream.url))
-    r = invoke(setup, setup.agent("sam", ["tester"]), {"owner": "a", "q": "a", "h": value},
-               name="test.inject")
+    r = invoke(
+        setup,
+        setup.agent("sam", ["tester"]),
+        {"owner": "a", "q": "a", "h": value},
+        name="test.inject",
+    )
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_arguments"
     assert upstream.requests == []
 
@@ -375,9 +419,12 @@ def test_redirects_are_not_followed(
     setup: RunningBroker, upstream: RunningUpstream, second_upstream: RunningUpstream
 ) -> None:
     manifest = echo_manifest(upstream.url, "test.redirect")
-    manifest["http"].update(method="GET", json=None,
-                            url=f"{upstream.url}/redirect",
-                            query={"to": f"{second_upstream.url}/echo"})
+    manifest["http"].update(
+        method="GET",
+        json=None,
+        url=f"{upstream.url}/redirect",
+        query={"to": f"{second_upstream.url}/echo"},
+    )
     setup.admin.put_capability(manifest)
     r = invoke(setup, setup.agent("tina", ["tester"]), {"message": "m"}, name="test.redirect")
     assert r.status_code == 200, r.text
@@ -464,14 +511,17 @@ def break_audit_table(rb: RunningBroker) -> None:
         if engine.dialect.name == "sqlite":
             conn.exec_driver_sql(
                 "CREATE TRIGGER no_audit BEFORE INSERT ON audit_events "
-                "BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+                "BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+            )
         else:
             conn.exec_driver_sql(
                 "CREATE OR REPLACE FUNCTION no_audit() RETURNS trigger AS $$ "
-                "BEGIN RAISE EXCEPTION 'disk full'; END $$ LANGUAGE plpgsql")
+                "BEGIN RAISE EXCEPTION 'disk full'; END $$ LANGUAGE plpgsql"
+            )
             conn.exec_driver_sql(
                 "CREATE TRIGGER no_audit BEFORE INSERT ON audit_events "
-                "FOR EACH ROW EXECUTE FUNCTION no_audit()")
+                "FOR EACH ROW EXECUTE FUNCTION no_audit()"
+            )
     engine.dispose()
 
 
@@ -512,7 +562,9 @@ def test_audit_locked_is_503_within_the_audit_timeout(
 # -- every call is bounded ---------------------------------------------------------------------
 
 
-def test_oversize_request_is_413_and_audited(setup: RunningBroker, upstream: RunningUpstream) -> None:
+def test_oversize_request_is_413_and_audited(
+    setup: RunningBroker, upstream: RunningUpstream
+) -> None:
     token = setup.agent("abe", ["tester"])
     big = {"args": {"message": "x" * (setup.settings.max_request_bytes + 10)}}
     r = setup.http(token).post("/v1/capabilities/test.echo/invoke", json=big)
@@ -534,21 +586,27 @@ def test_oversize_upstream_response_is_refused(
     setup: RunningBroker, upstream: RunningUpstream
 ) -> None:
     manifest = echo_manifest(upstream.url, "test.big")
-    manifest["http"].update(method="GET", json=None, url=f"{upstream.url}/big",
-                            query={"n": "200000"}, max_response_bytes=100_000)
+    manifest["http"].update(
+        method="GET",
+        json=None,
+        url=f"{upstream.url}/big",
+        query={"n": "200000"},
+        max_response_bytes=100_000,
+    )
     setup.admin.put_capability(manifest)
     r = invoke(setup, setup.agent("bea", ["tester"]), {"message": "m"}, name="test.big")
     assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_response_too_large"
-    assert setup.audit(call_id=r.json()["error"]["call_id"], kind="call.finished")[0][
-        "reason"] == "upstream_response_too_large"
+    assert (
+        setup.audit(call_id=r.json()["error"]["call_id"], kind="call.finished")[0]["reason"]
+        == "upstream_response_too_large"
+    )
 
 
 def test_slow_dripping_upstream_is_cut_at_the_deadline(
     setup: RunningBroker, upstream: RunningUpstream
 ) -> None:
     manifest = echo_manifest(upstream.url, "test.drip")
-    manifest["http"].update(method="GET", json=None, url=f"{upstream.url}/slow-drip",
-                            timeout="1s")
+    manifest["http"].update(method="GET", json=None, url=f"{upstream.url}/slow-drip", timeout="1s")
     setup.admin.put_capability(manifest)
     r = invoke(setup, setup.agent("cal", ["tester"]), {"message": "m"}, name="test.drip")
     assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_timeout"
@@ -561,10 +619,13 @@ def test_slow_dripping_upstream_is_cut_at_the_deadline(
 # -- the audit trail ---------------------------------------------------------------------------
 
 
-def test_a_call_leaves_started_then_finished(setup: RunningBroker, upstream: RunningUpstream) -> None:
+def test_a_call_leaves_started_then_finished(
+    setup: RunningBroker, upstream: RunningUpstream
+) -> None:
     version = setup.secret("tests/echo", {"token": SECRET})
-    r = invoke(setup, setup.agent("dan", ["tester"]), {"message": "m"},
-               headers={"X-Broker-Task": "task-1"})
+    r = invoke(
+        setup, setup.agent("dan", ["tester"]), {"message": "m"}, headers={"X-Broker-Task": "task-1"}
+    )
     call_id = r.json()["call_id"]
     events = setup.audit(call_id=call_id)
     assert [e["kind"] for e in events] == ["call.started", "call.finished"]
@@ -573,8 +634,9 @@ def test_a_call_leaves_started_then_finished(setup: RunningBroker, upstream: Run
     assert finished["status"] == "succeeded" and finished["upstream_status"] == 200
     assert finished["agent_id"] == "dan" and finished["capability"] == "test.echo"
     assert finished["capability_version"] == 1 and finished["task_id"] == "task-1"
-    assert finished["secrets"] == [{"mount": "secret", "path": "tests/echo", "key": "token",
-                                    "version": version}]
+    assert finished["secrets"] == [
+        {"mount": "secret", "path": "tests/echo", "key": "token", "version": version}
+    ]
     assert started["args"] == {"message": "m"}
 
 

@@ -32,8 +32,15 @@ POSTGRES_URL = os.environ.get("BROKER_TEST_POSTGRES_URL")
 def reset_postgres(url: str) -> None:
     engine = sa.create_engine(url)
     with engine.begin() as conn:
-        for table in ("audit_events", "policies", "role_grants", "tokens", "agents",
-                      "capabilities", "alembic_version"):
+        for table in (
+            "audit_events",
+            "policies",
+            "role_grants",
+            "tokens",
+            "agents",
+            "capabilities",
+            "alembic_version",
+        ):
             conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table} CASCADE")
     engine.dispose()
 
@@ -73,8 +80,9 @@ class RunningBroker:
     def admin(self) -> BrokerClient:
         return self.sdk(self.admin_token)
 
-    def agent(self, name: str, roles: list[str] | None = None,
-              attributes: dict[str, str] | None = None) -> str:
+    def agent(
+        self, name: str, roles: list[str] | None = None, attributes: dict[str, str] | None = None
+    ) -> str:
         """Create an agent and return its token."""
         token: str = self.admin.create_agent(name, roles or [], attributes or {})["token"]
         return token
@@ -123,9 +131,7 @@ def start_broker(
 
 
 @pytest.fixture
-def running_broker(
-    openbao: DevVault, database_url: str, tmp_path: Path
-) -> Iterator[RunningBroker]:
+def running_broker(openbao: DevVault, database_url: str, tmp_path: Path) -> Iterator[RunningBroker]:
     rb = start_broker(openbao, database_url, tmp_path)
     yield rb
     rb.close()
