@@ -62,15 +62,25 @@ def test_roles_and_policies(running_broker: RunningBroker) -> None:
     rb = running_broker
     admin = rb.http(rb.admin_token)
     rb.agent("bob")
-    rule = admin.post("/v1/policies", json={"subject": "role:ops", "object": "ops.*",
-                                            "action": "invoke", "effect": "allow",
-                                            "condition": None})
+    rule = admin.post(
+        "/v1/policies",
+        json={
+            "subject": "role:ops",
+            "object": "ops.*",
+            "action": "invoke",
+            "effect": "allow",
+            "condition": None,
+        },
+    )
     assert rule.status_code == 201 and rule.json()["id"].startswith("pol_")
     again = admin.post("/v1/policies", json={"subject": "role:ops", "object": "ops.*"})
     assert again.json()["id"] == rule.json()["id"]  # same rule, same id: no duplicate
     check = {"agent": "bob", "object": "ops.restart", "action": "invoke"}
     assert admin.post("/v1/policies/check", json=check).json() == {
-        "allowed": False, "rule": None, "reason": "no rule matched"}
+        "allowed": False,
+        "rule": None,
+        "reason": "no rule matched",
+    }
     assert admin.put("/v1/agents/bob/roles/ops").json()["roles"] == ["ops"]
     out = admin.post("/v1/policies/check", json=check).json()
     assert out["allowed"] is True and out["rule"] == rule.json()["id"]
@@ -81,15 +91,18 @@ def test_roles_and_policies(running_broker: RunningBroker) -> None:
     assert admin.delete("/v1/policies/builtin:admin:agents.write").status_code == 404
     assert admin.delete(f"/v1/policies/{rule.json()['id']}").status_code == 204
     assert admin.post("/v1/policies/check", json=check).json()["allowed"] is False
-    for bad in ({"subject": "bob", "object": "x"}, {"subject": "role:a", "object": "x",
-                                                    "action": "fly"},
-                {"subject": "role:a", "object": "x", "condition": "args.a == 1"}):
+    for bad in (
+        {"subject": "bob", "object": "x"},
+        {"subject": "role:a", "object": "x", "action": "fly"},
+        {"subject": "role:a", "object": "x", "condition": "args.a == 1"},
+    ):
         r = admin.post("/v1/policies", json=bad)
         assert r.status_code in (400, 422) and "error" in r.json()
 
 
-def test_capability_versions_and_delete(running_broker: RunningBroker,
-                                        upstream: RunningUpstream) -> None:
+def test_capability_versions_and_delete(
+    running_broker: RunningBroker, upstream: RunningUpstream
+) -> None:
     admin = running_broker.http(running_broker.admin_token)
     m = echo_manifest(upstream.url)
     assert admin.put("/v1/capabilities/test.echo", json=m).json()["version"] == 1
@@ -106,8 +119,9 @@ def test_capability_versions_and_delete(running_broker: RunningBroker,
     assert versions == [1, 1, 2]
 
 
-def test_secret_path_from_agent_attributes(running_broker: RunningBroker,
-                                           upstream: RunningUpstream) -> None:
+def test_secret_path_from_agent_attributes(
+    running_broker: RunningBroker, upstream: RunningUpstream
+) -> None:
     rb = running_broker
     m = echo_manifest(upstream.url, "test.team")
     m["secrets"] = {"tok": {"path": "teams/{agent.attributes.team}/echo", "key": "token"}}
@@ -121,8 +135,9 @@ def test_secret_path_from_agent_attributes(running_broker: RunningBroker,
     assert [r.header("authorization") for r in upstream.requests] == ["Bearer red-team-credential"]
 
 
-def test_bootstrap_token_is_replaced_on_restart(openbao: DevVault, database_url: str,
-                                                tmp_path: Path) -> None:
+def test_bootstrap_token_is_replaced_on_restart(
+    openbao: DevVault, database_url: str, tmp_path: Path
+) -> None:
     first = start_broker(openbao, database_url, tmp_path)
     old = first.admin_token
     first.close()
@@ -134,16 +149,18 @@ def test_bootstrap_token_is_replaced_on_restart(openbao: DevVault, database_url:
         second.close()
 
 
-def test_start_applies_policy_and_capability_dirs(openbao: DevVault, database_url: str,
-                                                  tmp_path: Path, upstream: RunningUpstream) -> None:
+def test_start_applies_policy_and_capability_dirs(
+    openbao: DevVault, database_url: str, tmp_path: Path, upstream: RunningUpstream
+) -> None:
     import yaml
 
     caps = tmp_path / "caps"
     caps.mkdir()
     m: dict[str, Any] = echo_manifest(upstream.url, "demo.echo")
     (caps / "echo.yaml").write_text(yaml.safe_dump(m))
-    rb = start_broker(openbao, database_url, tmp_path, capabilities_dir=caps,
-                      policies_dir=REPO / "policies")
+    rb = start_broker(
+        openbao, database_url, tmp_path, capabilities_dir=caps, policies_dir=REPO / "policies"
+    )
     try:
         rb.secret("tests/echo", {"token": "t0k3n-value"})
         token = rb.agent("rory", ["reader"])

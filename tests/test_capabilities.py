@@ -16,13 +16,20 @@ def manifest(**over: Any) -> dict[str, Any]:
         "input": {
             "type": "object",
             "required": ["owner", "repo"],
-            "properties": {"owner": {"type": "string"}, "repo": {"type": "string"},
-                           "title": {"type": "string"}},
+            "properties": {
+                "owner": {"type": "string"},
+                "repo": {"type": "string"},
+                "title": {"type": "string"},
+            },
         },
         "secrets": {"gh": {"path": "github", "key": "token"}},
-        "http": {"method": "post", "url": "https://api.github.com/repos/{args.owner}/{args.repo}/issues",
-                 "headers": {"Authorization": "Bearer {secrets.gh}"},
-                 "json": {"title": "{args.title}"}, "timeout": "10s"},
+        "http": {
+            "method": "post",
+            "url": "https://api.github.com/repos/{args.owner}/{args.repo}/issues",
+            "headers": {"Authorization": "Bearer {secrets.gh}"},
+            "json": {"title": "{args.title}"},
+            "timeout": "10s",
+        },
     }
     base.update(over)
     return base
@@ -33,7 +40,11 @@ def test_a_good_manifest_parses() -> None:
     assert cap.http.method == "POST" and cap.http.timeout == 10.0
     assert cap.version == 1 and cap.effect == "read"
     view = cap.public_view()
-    assert "secrets" not in view and "http" not in view and view["input"]["required"] == ["owner", "repo"]
+    assert (
+        "secrets" not in view
+        and "http" not in view
+        and view["input"]["required"] == ["owner", "repo"]
+    )
 
 
 def test_query_in_the_url_becomes_declared_query() -> None:
@@ -49,7 +60,10 @@ def test_query_in_the_url_becomes_declared_query() -> None:
     [
         ({"name": "GitHub Issues"}, "name"),
         ({"name": "a..b"}, "name"),
-        ({"input": {"type": "object", "properties": {"a": {"type": "strin"}}}}, "properties/a/type"),
+        (
+            {"input": {"type": "object", "properties": {"a": {"type": "strin"}}}},
+            "properties/a/type",
+        ),
         ({"input": {"type": "array"}}, "type: object"),
         ({"input": {"type": "object", "required": "owner"}}, "required"),
         ({"effect": "delete"}, "effect"),

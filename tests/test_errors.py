@@ -31,7 +31,9 @@ def test_every_code_maps_back_to_its_class() -> None:
 
 def test_envelope_shape() -> None:
     body = errors.PolicyDenied("no", call_id="c", details={"rule": None}).to_dict()
-    assert body == {"error": {"code": "policy_denied", "message": "no", "call_id": "c", "rule": None}}
+    assert body == {
+        "error": {"code": "policy_denied", "message": "no", "call_id": "c", "rule": None}
+    }
 
 
 def test_every_sqlalchemy_error_translates() -> None:
