@@ -234,18 +234,22 @@ class Broker:
                 request, timeout=cap.http.timeout, max_bytes=min(limit, self.max_response_bytes)
             )
             result = InvokeResult(call.call_id, *shape(cap, response, redactor))
-        except BrokerError as exc:
-            exc.call_id = call.call_id
-            exc.message = redactor.redact_text(exc.message)
+        except Exception as exc:
+            # Whatever went wrong after call.started, the record gets its end.
+            err = exc if isinstance(exc, BrokerError) else BrokerError()
+            if not isinstance(exc, BrokerError):
+                log.error("call %s failed unexpectedly: %s", call.call_id, type(exc).__name__)
+            err.call_id = call.call_id
+            err.message = redactor.redact_text(err.message)
             await self._finish(
                 call,
                 resolved,
                 started,
                 status="failed",
-                reason=exc.code,
-                detail={"message": exc.message},
+                reason=err.code,
+                detail={"message": err.message},
             )
-            raise
+            raise err from None
         await self._finish(
             call,
             resolved,
