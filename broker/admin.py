@@ -79,6 +79,17 @@ class Admin:
             grants = await self.b.directory.grants()
             self.b.policy.load(rules, grants)
 
+    async def _all_rules(self) -> list[Rule]:
+        """Built-in rules first; a stored rule that only repeats a built-in one is not listed."""
+        builtin = self.tools.builtin_rules()
+        seen = {(r.subject, r.object, r.action, r.effect, r.condition) for r in builtin}
+        stored = [
+            r
+            for r in await self.b.rulebook.list()
+            if (r.subject, r.object, r.action, r.effect, r.condition) not in seen
+        ]
+        return [*builtin, *stored]
+
     # -- capabilities -----------------------------------------------------------------------
 
     async def put_capability(self, token: str | None, name: str, data: Any) -> Capability:
@@ -200,7 +211,7 @@ class Admin:
 
     async def list_roles(self, token: str | None) -> list[dict[str, Any]]:
         await self.authorize(token, "agents.write")
-        rules = [*self.tools.builtin_rules(), *await self.b.rulebook.list()]
+        rules = await self._all_rules()
         grants = await self.b.directory.grants()
         names = {r.subject for r in rules if r.subject.startswith("role:")}
         names |= {g.role for g in grants}
@@ -217,7 +228,7 @@ class Admin:
 
     async def list_policies(self, token: str | None) -> list[dict[str, Any]]:
         await self.authorize(token, "policies.write")
-        rules = [*self.tools.builtin_rules(), *await self.b.rulebook.list()]
+        rules = await self._all_rules()
         return [_rule_dict(r) for r in rules]
 
     async def add_policy(self, token: str | None, data: Mapping[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ Broker saw the request (body too large, malformed input) are audited by that han
 from __future__ import annotations
 
 import logging
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -112,12 +113,14 @@ def _install_error_handlers(app: FastAPI, broker: Broker) -> None:
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        body = {"error": {"code": code, "message": str(exc.detail), "call_id": None}}
-        return JSONResponse(body, status_code=exc.status_code)
+        known = {404: errors.NotFound, 405: errors.MethodNotAllowed}
+        cls: type[BrokerError] = known.get(exc.status_code, errors.InvalidRequest)
+        return render_error(cls(str(exc.detail)))
 
     async def on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
-        log.error("unexpected error: %s", type(exc).__name__, exc_info=exc)
+        # The frames help whoever fixes the bug; the message is left out, it may hold a value.
+        frames = "".join(traceback.format_tb(exc.__traceback__))
+        log.error("unexpected error %s at\n%s", type(exc).__name__, frames)
         return render_error(BrokerError())
 
     app.add_exception_handler(BrokerError, on_broker_error)

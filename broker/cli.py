@@ -13,7 +13,7 @@ import json
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 import httpx
@@ -22,8 +22,11 @@ from broker import __version__
 from broker.client import BrokerClient
 from broker.errors import BrokerError
 
+if TYPE_CHECKING:
+    from broker.config import Settings
+    from broker.service import Broker
+
 DEFAULT_URL = "http://127.0.0.1:8080"
-DEV_UPSTREAM_PORT = 8099
 AUDIT_HEADERS = ("seq", "time", "kind", "agent", "capability", "decision", "reason/status")
 TAIL_WIDTHS = (5, 24, 20, 14, 22, 8, 0)
 
@@ -35,8 +38,8 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]],
           min_widths: Sequence[int] = ()) -> str:
     """Left-aligned columns separated by two spaces; None prints as '-'."""
     cells = [[_cell(v) for v in row] for row in rows]
-    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
-    widths = [max(w, m) for w, m in zip(widths, [*min_widths, *[0] * len(widths)], strict=False)]
+    mins = [*min_widths, *[0] * len(headers)]
+    widths = [max([len(h), mins[i], *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
     lines = [list(headers), *cells]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
                      for line in lines)
@@ -122,34 +125,33 @@ def uses_client(fn: Callable[..., None]) -> Callable[..., None]:
 # --- server entry points ----------------------------------------------------------------------
 
 
-@cli.command()
+@cli.command(short_help="Run the broker (settings from BROKER_*).")
 def serve() -> None:
     """Run the broker with settings from BROKER_* environment variables."""
-    import logging
-
     import uvicorn
 
     from broker.api import create_app
+    from broker.demo import check_manifests, configure_logging
 
     settings, broker = _build_from_env()
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    check_manifests(settings.capabilities_dir)  # a bad manifest names its file, not a trace
+    configure_logging(settings.log_level)
     app = create_app(broker, max_request_bytes=settings.max_request_bytes)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
 
 
-def _build_from_env(**overrides: Any) -> tuple[Any, Any]:
+def _build_from_env() -> tuple[Settings, Broker]:
     from broker.bootstrap import build_broker
     from broker.config import Settings
 
     try:
-        settings = Settings(**overrides)
+        settings = Settings()
         return settings, build_broker(settings)
     except ValueError as exc:  # pydantic's ValidationError is a ValueError too
         fail("invalid_settings", str(exc))
 
 
-@cli.command()
+@cli.command(short_help="Run a local dev broker with OpenBao and the examples.")
 def dev() -> None:
     """Run a local development broker: embedded OpenBao, SQLite and examples under ./.broker/."""
     from broker.demo import run_dev
@@ -160,7 +162,7 @@ def dev() -> None:
         fail("dev_failed", str(exc))
 
 
-@cli.command()
+@cli.command(short_help="Run a scripted tour of the broker and exit.")
 def demo() -> None:
     """Run a scripted tour (upstream, agent, allowed and refused calls, audit) and exit."""
     from broker.demo import run_demo
@@ -258,7 +260,7 @@ def _show_token(data: dict[str, Any], quiet: bool) -> None:
 
 @cli.group()
 def agent() -> None:
-    """Create agents, issue and revoke their tokens, disable them."""
+    """Create agents; issue and revoke tokens; disable."""
 
 
 @agent.command("create")
@@ -335,7 +337,7 @@ def agent_disable(client: BrokerClient, agent_id: str) -> None:
 
 @cli.group()
 def role() -> None:
-    """Grant and revoke roles; list roles with their members and rules."""
+    """Grant, revoke and list roles."""
 
 
 @role.command("grant")
@@ -420,9 +422,9 @@ def policy_check(client: BrokerClient, agent_id: str, capability_name: str, acti
     who = {"subject": agent_id} if ":" in agent_id else {"agent": agent_id}
     d = client.check_policy(capability_name, action=action, **who)
     verdict = "allowed" if d["allowed"] else "denied"
-    rule = d.get("rule") or "none (default deny)"
     reason = f"  ({d['reason']})" if d.get("reason") else ""
-    click.echo(f"{verdict}: {agent_id} {action} {capability_name}  rule: {rule}{reason}")
+    click.echo(f"{verdict}: {agent_id} {action} {capability_name}  "
+               f"rule: {d.get('rule') or '-'}{reason}")
 
 
 # --- audit ------------------------------------------------------------------------------------
@@ -521,7 +523,7 @@ def _json_object(_ctx: click.Context, _param: click.Parameter, value: str) -> di
     return parsed
 
 
-@cli.command()
+@cli.command(short_help="Invoke a capability (as the token's agent).")
 @click.argument("capability_name")
 @click.option("--args", "args", default="{}", callback=_json_object, show_default=True,
               help="The arguments as a JSON object.")

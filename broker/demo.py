@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import secrets
+import signal
 import socket
 import tempfile
 import threading
@@ -25,6 +27,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qs
 
@@ -174,10 +177,6 @@ class ServerThread:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
     def start(self) -> ServerThread:
         """Start serving; returns once the server accepts connections (lifespan done)."""
         self._thread.start()
@@ -211,7 +210,7 @@ class ServerThread:
         self.stop()
 
 
-# --- shared with `broker dev` --------------------------------------------------------------
+# --- secrets for the dev OpenBao (dev and demo) --------------------------------------------
 
 
 def write_secrets(vault_addr: str, vault_token: str, items: dict[str, dict[str, str]]) -> None:
@@ -306,10 +305,28 @@ def run_dev(say: Say) -> None:
         say(dev_banner(DevInfo(server.url, vault.addr, vault.root_token, admin_token, settings,
                                manifests, upstream.url if upstream else None)))
         try:
+            _stop_on_sigterm()
             server.wait()
         except KeyboardInterrupt:
             say("\nstopping the broker, the demo upstream and OpenBao ...")
     say("stopped.")
+
+
+def _stop_on_sigterm() -> None:
+    """Make `kill` (SIGTERM) stop as cleanly as Ctrl-C: OpenBao must not outlive the broker."""
+
+    def interrupt(_signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
+def configure_logging(level: str) -> None:
+    """The broker's own loggers at ``level``; libraries (alembic, ...) at warning."""
+    logging.basicConfig(level=logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("broker").setLevel(level.upper())
 
 
 def _existing_dir(path: Path) -> Path | None:
@@ -327,13 +344,10 @@ def _dev_upstream(say: Say) -> ServerThread | None:
 
 
 def _dev_server(settings: Settings) -> ServerThread:
-    import logging
-
     from broker.api import create_app
     from broker.bootstrap import build_broker
 
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
     app = create_app(build_broker(settings), max_request_bytes=settings.max_request_bytes)
     try:
         return ServerThread(app, host=settings.host, port=settings.port, lifespan="on",

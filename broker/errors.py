@@ -13,6 +13,7 @@ Foreign exceptions (hvac, SQLAlchemy, aiohttp, casbin) are translated once, at t
     │   └── EgressDenied (403 egress_denied)
     ├── NotFound (404 not_found)
     │   └── CapabilityNotFound (404 capability_not_found)
+    ├── MethodNotAllowed (405 method_not_allowed)
     ├── Conflict (409 conflict)
     ├── RequestTooLarge (413 request_too_large)
     ├── Unprocessable (422 unprocessable)
@@ -92,6 +93,10 @@ class NotFound(BrokerError):
 
 class CapabilityNotFound(NotFound):
     code, default_message = "capability_not_found", "no such capability"
+
+
+class MethodNotAllowed(BrokerError):
+    status, code, default_message = 405, "method_not_allowed", "method not allowed here"
 
 
 class Conflict(BrokerError):

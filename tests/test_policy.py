@@ -260,6 +260,7 @@ def test_repo_policy_file_yields_the_documented_roles() -> None:
         ("http.get", "invoke"),
         ("demo.echo", "invoke"),
         ("demo.status", "invoke"),
+        ("demo.weather", "invoke"),
     }
     assert by_role["role:writer"] == {
         (obj, "invoke") for obj in ("github.*", "slack.*", "llm.*", "demo.*")

@@ -17,7 +17,7 @@ import time
 import warnings
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 from urllib.parse import parse_qs, quote
 
 import pytest
@@ -39,7 +39,7 @@ GZIP_BOMB_SIZE = 32 * 1024 * 1024
 class ServerThread:
     """Runs an ASGI app under uvicorn in a background thread on 127.0.0.1 and a free port."""
 
-    def __init__(self, app: ASGIApp, *, lifespan: str = "off") -> None:
+    def __init__(self, app: ASGIApp, *, lifespan: Literal["auto", "on", "off"] = "off") -> None:
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((LOOPBACK, 0))
