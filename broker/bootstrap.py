@@ -12,6 +12,7 @@ from broker.capabilities import load_manifest_files, parse_manifest
 from broker.config import Settings
 from broker.db import make_engine, migrate
 from broker.errors import BrokerError
+from broker.guards import LocalGuards
 from broker.identity import SqlDirectory
 from broker.policy import CasbinPolicy, parse_policy_csv
 from broker.registry import SqlCapabilityRegistry
@@ -42,6 +43,7 @@ def build_broker(settings: Settings) -> Broker:
             cache_ttl=settings.secret_cache_ttl,
         ),
         upstream=HttpUpstream(egress_allow=settings.egress_allow),
+        guards=LocalGuards(),
         audit=SqlAuditLog(engine, timeout=settings.audit_timeout),
         max_response_bytes=settings.max_response_bytes,
     )

@@ -250,6 +250,10 @@ def check_slots(cap: Capability) -> None:
     for name, template in {**cap.http.headers, **cap.http.query}.items():
         for slot in slots_in(template):
             _check_slot(cap, slot, f"http header/query {name}")
+    for key in _json_keys(cap.http.json_body):
+        if slots_in(key):
+            # A key from an argument could overwrite a fixed field ({"role": "viewer"}).
+            raise ValueError(f"http.json: keys are fixed; no slot allowed in key {key!r}")
     for template in _json_strings(cap.http.json_body):
         for slot in slots_in(template):
             _check_slot(cap, slot, "http.json")
@@ -263,6 +267,14 @@ def parse_query_template(query: str) -> dict[str, str]:
         key, _, value = pair.partition("=")
         out[unquote(key)] = unquote(value)
     return out
+
+
+def _json_keys(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        return [str(k) for k in node] + [k for v in node.values() for k in _json_keys(v)]
+    if isinstance(node, list):
+        return [k for item in node for k in _json_keys(item)]
+    return []
 
 
 def _json_strings(node: Any) -> list[str]:

@@ -187,10 +187,15 @@ async def run(
     try:
         call = asyncio.to_thread(fn, *args)
         return await (asyncio.wait_for(call, timeout) if timeout else call)
+    except BrokerError:
+        raise
     except SQLAlchemyError as exc:
         raise translate(exc, error) from None
     except TimeoutError:
         raise error("the database did not answer in time") from None
+    except Exception as exc:
+        # Anything else (a value the driver cannot encode, a bug) still fails closed.
+        raise error(f"{error.default_message} ({type(exc).__name__})") from None
 
 
 def translate(exc: SQLAlchemyError, error: type[BrokerError] = StorageUnavailable) -> BrokerError:

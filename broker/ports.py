@@ -185,6 +185,17 @@ class PolicyEngine(Protocol):
         """A validated rule with its derived id; raises Unprocessable on a bad rule."""
 
 
+class CallSlot(Protocol):
+    def __enter__(self) -> CallSlot: ...
+
+    def __exit__(self, t: Any, e: Any, tb: Any) -> None: ...
+
+
+class Guards(Protocol):
+    def admit(self, agent_id: str, cap: Capability) -> CallSlot:
+        """Count the call against rate and concurrency limits; raises RateLimited."""
+
+
 class CapabilityRegistry(Protocol):
     async def put(self, cap: Capability) -> Capability:
         """Store (insert or replace; the version goes up on replace) and return what was stored."""

@@ -2,17 +2,21 @@
 
 An upstream may echo a credential back in a transformed shape (a Basic auth header in base64,
 a URL in percent-encoding, a JSON string with escapes), so each secret value is expanded into
-the forms it is likely to take and all of them are replaced by one placeholder.
+the forms it is likely to take and all of them are replaced by one placeholder. As a last
+line, a text is decoded the usual ways (HTML entities, JSON and percent escapes, NUL bytes
+from a UTF-16 body read as UTF-8); if a secret shows up in a decoded copy, the whole text is
+replaced, since no form-by-form patch can be trusted there.
 """
 
 from __future__ import annotations
 
 import base64
+import html
 import json
 import re
 from collections.abc import Iterable
 from typing import Any
-from urllib.parse import quote, quote_plus
+from urllib.parse import quote, quote_plus, unquote
 
 PLACEHOLDER = "[REDACTED]"
 # Below this length the inner part of an embedded base64 form is a handful of characters that
@@ -25,15 +29,25 @@ class Redactor:
 
     def __init__(self, values: Iterable[str], placeholder: str = PLACEHOLDER) -> None:
         self.placeholder = placeholder
-        patterns = sorted({p for v in values if v for p in secret_forms(v)}, key=len, reverse=True)
+        self._values = tuple(v for v in set(values) if v)
+        patterns = sorted({p for v in self._values for p in secret_forms(v)}, key=len, reverse=True)
         self._text: re.Pattern[str] | None = None
         self._bytes: re.Pattern[bytes] | None = None
         if patterns:
-            self._text = re.compile("|".join(re.escape(p) for p in patterns))
-            self._bytes = re.compile(b"|".join(re.escape(p.encode()) for p in patterns))
+            self._text = re.compile("|".join(_pattern(p) for p in patterns))
+            self._bytes = re.compile(b"|".join(_pattern(p).encode() for p in patterns))
 
     def redact_text(self, s: str) -> str:
-        return self._text.sub(self.placeholder, s) if self._text else s
+        if not self._text:
+            return s
+        out = self._text.sub(self.placeholder, s)
+        return self.placeholder if self._hidden_in(out) else out
+
+    def _hidden_in(self, s: str) -> bool:
+        """Does a secret appear once the text is decoded the ways upstreams encode things?"""
+        if not any(c in s for c in "%&\\\0+"):
+            return False
+        return any(v in decoded for decoded in _decodings(s) for v in self._values)
 
     def redact_bytes(self, b: bytes) -> bytes:
         return self._bytes.sub(self.placeholder.encode(), b) if self._bytes else b
@@ -61,8 +75,11 @@ class Redactor:
 def secret_forms(value: str) -> set[str]:
     """The shapes a secret value may take on the wire (the raw value included)."""
     forms = {value, quote(value, safe=""), quote_plus(value), quote(value)}
-    forms.add(json.dumps(value)[1:-1])
-    forms.add(json.dumps(value, ensure_ascii=False)[1:-1])
+    for escaped in (json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1]):
+        forms.add(escaped)
+        forms.add(escaped.replace("/", "\\/"))  # PHP and others escape slashes
+        forms.add(_go_escape(escaped))  # Go escapes & < > in JSON as \u0026 ...
+    forms.update({html.escape(value), html.escape(value, quote=False)})
     raw = value.encode()
     forms.update(_base64_forms(raw))
     if len(value) >= MIN_EMBEDDED_LEN:
@@ -93,3 +110,36 @@ def _embedded_base64_forms(raw: bytes) -> set[str]:
         end = 8 * (offset + len(raw)) // 6  # characters after this one carry suffix bits
         forms |= _both_alphabets(encoded[start:end])
     return forms
+
+
+def _go_escape(escaped: str) -> str:
+    return escaped.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+
+
+_PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
+_JSON_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
+
+
+def _pattern(form: str) -> str:
+    """A regex for one form; percent escapes match in either case (%2F and %2f)."""
+    out, last = [], 0
+    for m in _PERCENT.finditer(form):
+        out.append(re.escape(form[last : m.start()]))
+        out.append(
+            "%" + "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c for c in m.group(1))
+        )
+        last = m.end()
+    out.append(re.escape(form[last:]))
+    return "".join(out)
+
+
+def _decodings(s: str) -> list[str]:
+    """The text after each usual decoding step, applied one after the other."""
+    steps = [s.replace("\0", "")]
+    steps.append(html.unescape(steps[-1]))
+    steps.append(
+        _JSON_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), steps[-1]).replace("\\/", "/")
+    )
+    steps.append(unquote(steps[-1]))
+    steps.append(unquote(steps[-1].replace("+", " ")))
+    return steps

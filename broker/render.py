@@ -12,7 +12,7 @@ import json
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any
-from urllib.parse import SplitResult, quote, urlsplit
+from urllib.parse import SplitResult, quote, unquote, urlsplit
 
 from broker.capabilities import RESERVED_HEADERS, SLOT_RE, Capability, slots_in
 from broker.errors import InvalidArguments, SecretUnavailable
@@ -150,6 +150,17 @@ def _render_segment(segment: str, slots: _Slots) -> str:
     text = as_text(value)
     if text in _DOT_SEGMENTS:
         raise InvalidArguments(f"{{{name}}} may not be empty, '.' or '..' (it is a path segment)")
+    # Many servers and proxies decode %2F before routing, so an encoded '/' or '..' from an
+    # argument would still move the request; refuse what would change the path once decoded.
+    # (Secrets are the operator's, and base64 tokens legitimately contain '/'.)
+    decoded = unquote(text)
+    if not name.startswith("secrets.") and (
+        decoded in _DOT_SEGMENTS or any(c in decoded for c in "/\\\0")
+    ):
+        raise InvalidArguments(
+            f"{{{name}}} may not be empty, '.', '..' or contain '/', '\\' or NUL "
+            "(it fills one path segment)"
+        )
     return quote(text, safe="")
 
 

@@ -8,6 +8,7 @@ audited before it is raised. Rendering and redaction are pure functions of this 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import logging
 import re
@@ -25,6 +26,7 @@ from broker.ports import (
     AuditLog,
     CapabilityRegistry,
     Directory,
+    Guards,
     PolicyEngine,
     Principal,
     Rulebook,
@@ -112,6 +114,7 @@ class Broker:
         policy: PolicyEngine,
         secrets: SecretStore,
         upstream: Upstream,
+        guards: Guards,
         audit: AuditLog,
         max_response_bytes: int,
     ) -> None:
@@ -121,6 +124,7 @@ class Broker:
         self.policy = policy
         self.secrets = secrets
         self.upstream = upstream
+        self.guards = guards
         self.audit = audit
         self.max_response_bytes = max_response_bytes
         self.on_start: list[Callable[[], Awaitable[None]]] = []
@@ -155,14 +159,22 @@ class Broker:
         call = Call(call_id="call_" + uuid.uuid4().hex, request=req)
         try:
             await self._admit(call)
-        except BrokerError as exc:
-            await self._refuse(call, exc)
-            raise
-        assert call.cap is not None and call.principal is not None
-        await self._record_or_refuse(
-            call, call.event("call.started", decision="allow", args=call.args)
-        )
-        return await self._execute(call, call.cap, call.principal)
+            assert call.cap is not None and call.principal is not None
+            slot = self.guards.admit(call.principal.agent_id, call.cap)
+        except Exception as exc:
+            # Nothing has run yet; whatever stopped the call, it is refused and audited.
+            err = exc if isinstance(exc, BrokerError) else BrokerError()
+            if not isinstance(exc, BrokerError):
+                log.error(
+                    "call %s: unexpected %s while admitting", call.call_id, type(exc).__name__
+                )
+            await self._refuse(call, err)
+            raise err from None
+        with slot:
+            await self._record_or_refuse(
+                call, call.event("call.started", decision="allow", args=call.args)
+            )
+            return await self._execute(call, call.cap, call.principal)
 
     # -- steps 1-5: nothing has happened yet ----------------------------------------------
 
@@ -339,8 +351,12 @@ def _parse_args(body: bytes) -> Any:
         return {}
     try:
         payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise errors.InvalidRequest("the body is not valid JSON") from None
+        # Lone surrogates parse but cannot be encoded again (not upstream, not in the audit).
+        json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    except (ValueError, UnicodeError):
+        raise errors.InvalidRequest("the body is not valid JSON in UTF-8") from None
+    except RecursionError:
+        raise errors.InvalidRequest("the body is nested too deeply") from None
     if not isinstance(payload, dict) or set(payload) - {"args"}:
         raise errors.InvalidRequest('the body must be {"args": {...}}')
     args = payload.get("args", {})
@@ -358,20 +374,43 @@ def _check_header_values(req: InvokeRequest) -> None:
 def shape(cap: Capability, response: UpstreamResponse, redactor: Redactor) -> tuple[str, Any, int]:
     """(status, result, upstream_status): declared fields only, every secret redacted."""
     body: Any = _decode(response)
-    if cap.result.fields is not None and isinstance(body, dict) and 200 <= response.status < 300:
-        body = {f: _pick(body, f) for f in cap.result.fields}
+    if cap.result.fields is not None:
+        # Only declared fields reach the agent, whatever the status or the body's shape.
+        body = {f: _pick(body, f) for f in cap.result.fields} if isinstance(body, dict) else None
     status = "succeeded" if 200 <= response.status < 300 else "upstream_error"
     return status, redactor.redact(body), response.status
 
 
 def _decode(response: UpstreamResponse) -> Any:
-    text = response.body.decode("utf-8", errors="replace")
+    text = _clean(response.body.decode(_charset(response.content_type), errors="replace"))
     if "json" in response.content_type.lower() or text[:1] in ("{", "["):
         try:
-            return json.loads(text)
-        except ValueError:
+            return _clean(json.loads(text))
+        except (ValueError, RecursionError):
             pass
     return text
+
+
+def _charset(content_type: str) -> str:
+    for param in content_type.split(";")[1:]:
+        name, _, value = param.strip().partition("=")
+        if name.lower() == "charset":
+            try:
+                return codecs.lookup(value.strip().strip('"')).name
+            except LookupError:
+                break
+    return "utf-8"
+
+
+def _clean(value: Any) -> Any:
+    """Replace lone surrogates (from JSON escapes) so the answer can always be encoded."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_clean(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
 
 
 def _pick(body: Mapping[str, Any], path: str) -> Any:

