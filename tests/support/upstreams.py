@@ -11,17 +11,16 @@ import base64
 import functools
 import gzip
 import json
-import socket
 import threading
-import time
 import warnings
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 from urllib.parse import parse_qs, quote
 
 import pytest
-import uvicorn
+
+from broker.demo import ServerThread  # the same runner `broker dev` uses
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -34,52 +33,6 @@ GZIP_BOMB_SIZE = 32 * 1024 * 1024
 
 
 # --- servers ------------------------------------------------------------------------------
-
-
-class ServerThread:
-    """Runs an ASGI app under uvicorn in a background thread on 127.0.0.1 and a free port."""
-
-    def __init__(self, app: ASGIApp, *, lifespan: Literal["auto", "on", "off"] = "off") -> None:
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((LOOPBACK, 0))
-        self.port: int = self._sock.getsockname()[1]
-        config = uvicorn.Config(
-            app,
-            log_level="warning",
-            lifespan=lifespan,
-            timeout_graceful_shutdown=1,
-            timeout_keep_alive=1,
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._run, name=f"asgi-{self.port}", daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
-
-    def _run(self) -> None:
-        self._server.run(sockets=[self._sock])
-
-    def start(self) -> ServerThread:
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.01)
-        return self
-
-    def stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
-        self._sock.close()  # uvicorn closes it too; closing twice is harmless
-
-    def __enter__(self) -> ServerThread:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 class WSGIServerThread:
@@ -265,8 +218,9 @@ async def _big(send: Send, n: int, *, chunked: bool) -> None:
     await send({"type": "http.response.start", "status": 200, "headers": []})
     step = 64 * 1024
     for start in range(0, n, step):
-        await send({"type": "http.response.body", "body": b"x" * min(step, n - start),
-                    "more_body": True})
+        await send(
+            {"type": "http.response.body", "body": b"x" * min(step, n - start), "more_body": True}
+        )
     await send({"type": "http.response.body", "body": b""})
 
 
