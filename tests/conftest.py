@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 pytest_plugins = [
+    "tests.support.network",
     "tests.support.openbao",
     "tests.support.upstreams",
     "tests.support.brokers",

@@ -58,8 +58,9 @@ def manifest(name: str, url: str, *, secret_path: str | None = None) -> str:
 
 
 @pytest.fixture
-def echo_setup(running_broker: RunningBroker, upstream: RunningUpstream,
-               tmp_path: Path) -> RunningBroker:
+def echo_setup(
+    running_broker: RunningBroker, upstream: RunningUpstream, tmp_path: Path
+) -> RunningBroker:
     """cli.echo (secret injected) and cli.other on the upstream; role cli-reader covers cli.echo."""
     running_broker.secret("cli/echo", {"token": SECRET})
     caps = tmp_path / "caps"
@@ -80,8 +81,9 @@ def token_from(output: str) -> str:
 # --- capabilities -------------------------------------------------------------------------
 
 
-def test_capability_apply_directory_of_two(running_broker: RunningBroker,
-                                           upstream: RunningUpstream, tmp_path: Path) -> None:
+def test_capability_apply_directory_of_two(
+    running_broker: RunningBroker, upstream: RunningUpstream, tmp_path: Path
+) -> None:
     (tmp_path / "a.yaml").write_text(manifest("cli.a", upstream.url))
     (tmp_path / "b.yml").write_text(manifest("cli.b", upstream.url))
     result = run(running_broker, "capability", "apply", "-f", str(tmp_path))
@@ -98,8 +100,9 @@ def test_capability_apply_broken_manifest_names_the_file(
     running_broker: RunningBroker, upstream: RunningUpstream, tmp_path: Path
 ) -> None:
     (tmp_path / "good.yaml").write_text(manifest("cli.good", upstream.url))
-    broken = manifest("cli.broken", upstream.url).replace(f"{upstream.url}/echo",
-                                                          "http://{args.message}/x")
+    broken = manifest("cli.broken", upstream.url).replace(
+        f"{upstream.url}/echo", "http://{args.message}/x"
+    )
     (tmp_path / "broken.yaml").write_text(broken)
     result = run(running_broker, "capability", "apply", "-f", str(tmp_path))
     assert result.exit_code == 1
@@ -138,8 +141,9 @@ def test_agent_create_prints_a_token_that_authenticates(running_broker: RunningB
         assert client.list_capabilities() == []
 
 
-def test_role_grant_then_invoke_succeeds(echo_setup: RunningBroker,
-                                         upstream: RunningUpstream) -> None:
+def test_role_grant_then_invoke_succeeds(
+    echo_setup: RunningBroker, upstream: RunningUpstream
+) -> None:
     token = echo_setup.agent("carol")
     denied = run(echo_setup, "invoke", "cli.echo", "--args", '{"message": "hi"}', token=token)
     assert denied.exit_code == 1
@@ -182,8 +186,15 @@ def test_audit_query_table_contains_the_calls(echo_setup: RunningBroker) -> None
     result = run(echo_setup, "audit", "query", "--agent", "frank")
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["seq", "time", "kind", "agent", "capability", "decision",
-                                "reason/status"]
+    assert lines[0].split() == [
+        "seq",
+        "time",
+        "kind",
+        "agent",
+        "capability",
+        "decision",
+        "reason/status",
+    ]
     assert any("call.finished" in line and "cli.echo" in line for line in lines)
     assert any("call.denied" in line and "policy_denied" in line for line in lines)
     events = json.loads(run(echo_setup, "audit", "query", "--agent", "frank", "--json").stdout)
@@ -208,16 +219,20 @@ def test_agent_lifecycle(running_broker: RunningBroker) -> None:
     revoked = run(running_broker, "agent", "revoke-token", "gina", token_id.group(1))
     assert revoked.exit_code == 0
     assert run(running_broker, "agent", "disable", "gina").exit_code == 0
-    with (BrokerClient(running_broker.url, token_from(issued.stdout)) as client,
-          pytest.raises(Unauthenticated)):
+    with (
+        BrokerClient(running_broker.url, token_from(issued.stdout)) as client,
+        pytest.raises(Unauthenticated),
+    ):
         client.list_capabilities()
 
 
 def test_role_list_and_revoke(echo_setup: RunningBroker) -> None:
     echo_setup.agent("hank", ["cli-reader"])
     listed = run(echo_setup, "role", "list")
-    assert any(line.startswith("cli-reader") and "agent:hank" in line
-               for line in listed.stdout.splitlines())
+    assert any(
+        line.startswith("cli-reader") and "agent:hank" in line
+        for line in listed.stdout.splitlines()
+    )
     assert run(echo_setup, "role", "revoke", "hank", "cli-reader").exit_code == 0
 
 
@@ -295,8 +310,14 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def test_broker_demo_runs_to_the_end() -> None:
-    proc = subprocess.run([sys.executable, "-m", "broker.cli", "demo"], capture_output=True,
-                          text=True, timeout=180, env=_env(), cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "broker.cli", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=_env(),
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     assert "seq" in proc.stdout and "reason/status" in proc.stdout
@@ -343,9 +364,14 @@ def dev_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], _Lines,
     for folder in ("capabilities", "policies"):
         shutil.copytree(ROOT / folder, tmp_path / folder)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "broker.cli", "dev"], cwd=tmp_path,
-                            env=_env(BROKER_PORT=str(port)), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "broker.cli", "dev"],
+        cwd=tmp_path,
+        env=_env(BROKER_PORT=str(port)),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     lines = _Lines(proc)
     try:
         yield proc, lines, port, tmp_path

@@ -68,9 +68,7 @@ def test_embedded_in_basic_auth_blob_all_alignments(
     assert R in redactor.redact_text(middle)
 
 
-@pytest.mark.parametrize(
-    "form", [quote(SECRET, safe=""), quote_plus(SECRET), quote(SECRET)]
-)
+@pytest.mark.parametrize("form", [quote(SECRET, safe=""), quote_plus(SECRET), quote(SECRET)])
 def test_url_encoded_forms(redactor: Redactor, form: str) -> None:
     assert form != SECRET
     assert redactor.redact_text(f"https://x.test/cb?t={form}&y=1") == f"https://x.test/cb?t={R}&y=1"

