@@ -8,7 +8,7 @@ agent holding the admin actions, normally through role ``admin``). Every change 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from broker import errors
@@ -266,6 +266,33 @@ class Admin:
     ) -> tuple[list[dict[str, Any]], str | None]:
         await self.authorize(token, "audit.read")
         return await self.b.audit.query(q)
+
+    async def verify_audit(self, token: str | None) -> dict[str, Any]:
+        who = await self.authorize(token, "audit.read")
+        report = await self.b.audit.verify()
+        await self._audit(
+            who,
+            "admin.audit.verify",
+            ok=report["ok"],
+            checked=report["checked"],
+            first_bad_seq=report["first_bad_seq"],
+        )
+        return report
+
+    async def export_audit(self, token: str | None) -> Iterator[dict[str, Any]]:
+        who = await self.authorize(token, "audit.read")
+        await self._audit(who, "admin.audit.export")
+        return self.b.audit.export()
+
+    async def hash_value(self, token: str | None, value: Any) -> list[str]:
+        await self.authorize(token, "audit.read")
+        return self.b.audit.hmac_all(value)
+
+    async def rotate_hmac_key(self, token: str | None) -> str:
+        who = await self.authorize(token, "audit.read")
+        key_id = self.b.audit.rotate_hmac_key()
+        await self._audit(who, "admin.audit.rotate_hmac_key", key_id=key_id)
+        return key_id
 
 
 def _rule_dict(rule: Rule) -> dict[str, Any]:

@@ -7,15 +7,16 @@ Broker saw the request (body too large, malformed input) are audited by that han
 
 from __future__ import annotations
 
+import json
 import logging
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import Body, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from broker import errors, models
@@ -362,6 +363,9 @@ def _audit_routes(app: FastAPI, broker: Broker) -> None:
         until: str | None = None,
         call_id: str | None = None,
         task: str | None = None,
+        trace_id: str | None = None,
+        chain_id: str | None = None,
+        contains: str | None = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         cursor: str | None = None,
     ) -> Any:
@@ -374,8 +378,33 @@ def _audit_routes(app: FastAPI, broker: Broker) -> None:
             until=until,
             call_id=call_id,
             task_id=task,
+            trace_id=trace_id,
+            chain_id=chain_id,
+            contains=contains,
             limit=limit,
             cursor=cursor,
         )
         events, next_cursor = await admin.query_audit(bearer(authorization), q)
         return {"events": events, "next_cursor": next_cursor}
+
+    @app.get("/v1/audit/verify", tags=["audit"], response_model=models.AuditVerify)
+    async def verify_audit(authorization: Token = None) -> Any:
+        return await admin.verify_audit(bearer(authorization))
+
+    @app.get("/v1/audit/export", tags=["audit"], response_class=StreamingResponse)
+    async def export_audit(authorization: Token = None) -> StreamingResponse:
+        lines = await admin.export_audit(bearer(authorization))
+
+        def body() -> Iterator[bytes]:
+            for obj in lines:
+                yield (json.dumps(obj, sort_keys=True) + "\n").encode()
+
+        return StreamingResponse(body(), media_type="application/x-ndjson")
+
+    @app.post("/v1/audit/hash", tags=["audit"])
+    async def hash_value(body: models.HashIn, authorization: Token = None) -> Any:
+        return {"hashes": await admin.hash_value(bearer(authorization), body.value)}
+
+    @app.post("/v1/audit/hmac-keys/rotate", tags=["audit"])
+    async def rotate_hmac_key(authorization: Token = None) -> Any:
+        return {"key_id": await admin.rotate_hmac_key(bearer(authorization))}

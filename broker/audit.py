@@ -1,54 +1,278 @@
-"""The audit log: the only writer of audit records, and their query.
+"""The audit log: the only writer of audit records; chain, checkpoints, recovery, query, verify.
 
-Every append is committed (durable) before it returns; if it cannot be, the caller gets
-``AuditUnavailable`` within ``timeout`` seconds and must not go on (invariant 1). One
-writer per instance: appends are serialised in-process, which is also where the hash
-chain (``prev_hash``/``hash``, per ``chain_id``) will be computed.
+One writer thread per broker instance owns one chain (``chain_id``). Callers hand it records
+and wait; it takes everything queued (up to ``max_batch``), links the records into the hash
+chain (``chain.py``), inserts them in one transaction and commits (group commit: a batch never
+waits for more records, so a lone call pays one commit and a busy broker shares commits).
+A caller's ``append`` returns only after its record is durable; if that does not happen within
+``timeout`` it raises ``AuditUnavailable`` and the record is dropped if not yet written (or
+followed by ``call.abandoned`` if it landed late). Signed checkpoints are written after
+commits, off the request path, to the database and to a file outside it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
+import os
+import queue
 import threading
+import time
 import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, insert, select
+from sqlalchemy import Engine, and_, insert, select
+from sqlalchemy.exc import SQLAlchemyError
 
-from broker import db
+from broker import chain, db
 from broker.errors import AuditUnavailable, InvalidRequest
+from broker.keyring import AuditKeys
 from broker.ports import AuditEvent, AuditQuery
 
+log = logging.getLogger("broker.audit")
 MAX_LIMIT = 1000
 _COLUMNS = (
     "call_id", "kind", "agent_id", "capability", "capability_version", "decision", "rule",
     "reason", "status", "upstream_status", "latency_ms", "cost", "task_id", "trace_id",
     "idempotency_key",
 )  # fmt: skip
+_STOP = object()
+
+
+@dataclass
+class _Item:
+    record: dict[str, Any]
+    loop: asyncio.AbstractEventLoop | None
+    future: asyncio.Future[int] | None
+    gave_up: bool = False  # the caller stopped waiting (it answered 503)
+
+
+@dataclass
+class _Head:
+    seq: int = 0
+    hash: str = chain.GENESIS
+    checkpointed_seq: int = 0
+    checkpointed_at: float = field(default_factory=time.monotonic)
 
 
 class SqlAuditLog:
-    def __init__(self, engine: Engine, *, chain_id: str = "main", timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        keys: AuditKeys,
+        checkpoint_dir: Path,
+        chain_id: str = "main",
+        timeout: float = 5.0,
+        checkpoint_every: int = 1000,
+        checkpoint_interval: float = 10.0,
+        max_batch: int = 512,
+    ) -> None:
         self._engine = engine
-        self._chain_id = chain_id
+        self.keys = keys
+        self.chain_id = chain_id
+        self._checkpoint_file = checkpoint_dir / f"{chain_id}.jsonl"
+        self._checkpoint_dir = checkpoint_dir
         self._timeout = timeout
-        self._lock = threading.Lock()
+        self._every, self._interval, self._max_batch = (
+            checkpoint_every, checkpoint_interval, max_batch)  # fmt: skip
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._head = _Head()
+        self._healthy = True
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> int:
+        """Load the chain head, start the writer, and close calls a crash left open.
+
+        Returns how many calls were recorded as ``call.abandoned``.
+        """
+        await db.run(self._load_head, error=AuditUnavailable)
+        self._thread = threading.Thread(
+            target=self._run, name=f"audit-{self.chain_id}", daemon=True
+        )
+        self._thread.start()
+        dangling = await db.run(self._dangling_calls, error=AuditUnavailable)
+        for row in dangling:
+            await self.append(AuditEvent(
+                kind="call.abandoned", call_id=row["call_id"], agent_id=row["agent_id"],
+                capability=row["capability"], capability_version=row["capability_version"],
+                task_id=row["task_id"], reason="outcome_unknown",
+                detail={"why": "the broker stopped after call.started; the outcome is unknown"},
+            ))  # fmt: skip
+        return len(dangling)
+
+    async def close(self) -> None:
+        """Stop the writer after it wrote what is queued, then sign the head."""
+        if self._thread is None:
+            return
+        self._queue.put(_STOP)
+        await asyncio.to_thread(self._thread.join, 30)
+        self._thread = None
+
+    def _load_head(self) -> None:
+        t = db.audit_events
+        with self._engine.connect() as conn:
+            row = conn.execute(
+                select(t.c.seq, t.c.hash).where(t.c.chain_id == self.chain_id)
+                .order_by(t.c.seq.desc()).limit(1)
+            ).first()  # fmt: skip
+            cp = conn.execute(
+                select(db.audit_checkpoints.c.seq)
+                .where(db.audit_checkpoints.c.chain_id == self.chain_id)
+                .order_by(db.audit_checkpoints.c.seq.desc()).limit(1)
+            ).scalar()  # fmt: skip
+        self._head = _Head(seq=row.seq, hash=row.hash) if row else _Head()
+        self._head.checkpointed_seq = int(cp or 0)
+
+    def _dangling_calls(self) -> list[dict[str, Any]]:
+        t, f = db.audit_events, db.audit_events.alias("f")
+        ended = (
+            select(f.c.id)
+            .where(f.c.call_id == t.c.call_id, f.c.kind.in_(("call.finished", "call.abandoned")))
+            .exists()
+        )
+        stmt = (
+            select(t.c.call_id, t.c.agent_id, t.c.capability, t.c.capability_version,
+                   t.c.task_id)
+            .where(and_(t.c.chain_id == self.chain_id, t.c.kind == "call.started", ~ended))
+            .order_by(t.c.seq)
+        )  # fmt: skip
+        with self._engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(stmt)]
+
+    # -- appending --------------------------------------------------------------------------
 
     async def append(self, event: AuditEvent) -> int:
-        return await db.run(self._append, event, error=AuditUnavailable, timeout=self._timeout)
+        if self._thread is None or not self._thread.is_alive():
+            raise AuditUnavailable("the audit writer is not running")
+        loop = asyncio.get_running_loop()
+        item = _Item(self._prepare(event), loop, loop.create_future())
+        assert item.future is not None
+        self._queue.put(item)
+        try:
+            return await asyncio.wait_for(asyncio.shield(item.future), self._timeout)
+        except TimeoutError:
+            item.gave_up = True
+            raise AuditUnavailable("the audit log did not confirm the record in time") from None
 
-    def _append(self, event: AuditEvent) -> int:
-        values: dict[str, Any] = {c: getattr(event, c) for c in _COLUMNS}
-        values.update(
-            chain_id=self._chain_id,
+    def _prepare(self, event: AuditEvent) -> dict[str, Any]:
+        record: dict[str, Any] = {c: getattr(event, c) for c in _COLUMNS}
+        args = _hmac_paths(event.args, event.sensitive, self.keys.hmac)
+        data = {"args": args, "secrets": event.secrets, "detail": event.detail}
+        record.update(
+            chain_id=self.chain_id,
             event_id=uuid.uuid4().hex,
             time=db.utcnow(),
-            data=db.dumps({"args": event.args, "secrets": event.secrets, "detail": event.detail}),
+            data=db.dumps(data),
         )
-        with self._lock, self._engine.begin() as conn:
-            result = conn.execute(insert(db.audit_events).values(**values))
-            pk = result.inserted_primary_key
-            return int(pk[0]) if pk else 0
+        if record["latency_ms"] is not None:
+            record["latency_ms"] = round(float(record["latency_ms"]), 3)
+        if record["cost"] is not None:
+            record["cost"] = float(record["cost"])
+        return record
+
+    # -- the writer thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            try:
+                first = self._queue.get(timeout=self._interval)
+            except queue.Empty:
+                self._checkpoint_if_due(idle=True)
+                continue
+            batch, stop = self._drain(first)
+            if batch:
+                self._write(batch)
+                self._checkpoint_if_due(idle=False)
+            if stop:
+                self._checkpoint_if_due(idle=True)
+                return
+
+    def _drain(self, first: Any) -> tuple[list[_Item], bool]:
+        items, stop = [first], False
+        while len(items) < self._max_batch:
+            try:
+                items.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        if any(i is _STOP for i in items):
+            stop = True
+            items = [i for i in items if i is not _STOP]
+        # A caller that already answered 503 must not find its call.started written later.
+        return [i for i in items if not i.gave_up], stop
+
+    def _write(self, batch: list[_Item]) -> None:
+        head = self._head
+        seq, prev, rows = head.seq, head.hash, []
+        for item in batch:
+            seq += 1
+            row = {**item.record, "seq": seq, "prev_hash": prev}
+            row["hash"] = prev = chain.record_hash(row)
+            rows.append(row)
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(insert(db.audit_events), rows)
+        except Exception as exc:  # any failure: nothing of the batch is durable
+            log.error("audit write failed (%s); %d records refused", type(exc).__name__, len(rows))
+            self._healthy = False
+            self._reload_head_quietly()
+            for item in batch:
+                _resolve(item, None)
+            return
+        self._healthy = True
+        head.seq, head.hash = seq, prev
+        late = []
+        for item, row in zip(batch, rows, strict=True):
+            _resolve(item, row["seq"])
+            if item.gave_up and row["kind"] == "call.started":
+                late.append(row)
+        for row in late:
+            self._queue.put(_Item(_abandoned(row), None, None))
+
+    def _reload_head_quietly(self) -> None:
+        # If the database is down, the next write fails too and comes back here.
+        with contextlib.suppress(SQLAlchemyError):
+            self._load_head()
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def _checkpoint_if_due(self, *, idle: bool) -> None:
+        head = self._head
+        if head.seq <= head.checkpointed_seq:
+            return
+        due = head.seq - head.checkpointed_seq >= self._every
+        due = due or idle or time.monotonic() - head.checkpointed_at >= self._interval
+        if due:
+            self.checkpoint()
+
+    def checkpoint(self) -> dict[str, Any] | None:
+        """Sign the current head; store it in the database and append it to the file."""
+        head = self._head
+        cp = self.keys.signer.checkpoint(self.chain_id, head.seq, head.hash, db.utcnow())
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(insert(db.audit_checkpoints), [cp])
+        except Exception as exc:
+            log.error("audit checkpoint not stored (%s)", type(exc).__name__)
+            return None
+        _append_line(self._checkpoint_file, cp)
+        head.checkpointed_seq, head.checkpointed_at = head.seq, time.monotonic()
+        return cp
+
+    def hmac_all(self, value: Any) -> list[str]:
+        return self.keys.hmac_all(value)
+
+    def rotate_hmac_key(self) -> str:
+        return self.keys.rotate_hmac_key()
+
+    # -- reading ----------------------------------------------------------------------------
 
     async def query(self, q: AuditQuery) -> tuple[list[dict[str, Any]], str | None]:
         return await db.run(self._query, q)
@@ -56,15 +280,12 @@ class SqlAuditLog:
     def _query(self, q: AuditQuery) -> tuple[list[dict[str, Any]], str | None]:
         t = db.audit_events
         limit = min(max(q.limit, 1), MAX_LIMIT)
-        stmt = select(t).order_by(t.c.seq).limit(limit + 1)
+        stmt = select(t).order_by(t.c.id).limit(limit + 1)
         filters = {
-            t.c.agent_id: q.agent,
-            t.c.capability: q.capability,
-            t.c.kind: q.kind,
-            t.c.decision: q.decision,
-            t.c.call_id: q.call_id,
-            t.c.task_id: q.task_id,
-        }
+            t.c.agent_id: q.agent, t.c.capability: q.capability, t.c.kind: q.kind,
+            t.c.decision: q.decision, t.c.call_id: q.call_id, t.c.task_id: q.task_id,
+            t.c.trace_id: q.trace_id, t.c.chain_id: q.chain_id,
+        }  # fmt: skip
         for column, value in filters.items():
             if value is not None:
                 stmt = stmt.where(column == value)
@@ -72,16 +293,161 @@ class SqlAuditLog:
             stmt = stmt.where(t.c.time >= q.since)
         if q.until:
             stmt = stmt.where(t.c.time < q.until)
+        if q.contains:
+            stmt = stmt.where(t.c.data.contains(q.contains, autoescape=True))
         if q.cursor:
-            stmt = stmt.where(t.c.seq > _decode_cursor(q.cursor))
+            stmt = stmt.where(t.c.id > _decode_cursor(q.cursor))
         with self._engine.connect() as conn:
             rows = conn.execute(stmt).all()
-        events = [_event(r._mapping) for r in rows[:limit]]
-        next_cursor = str(events[-1]["seq"]) if len(rows) > limit else None
+        events = [event_dict(r._mapping) for r in rows[:limit]]
+        next_cursor = str(rows[limit - 1].id) if len(rows) > limit else None
         return events, next_cursor
 
     async def ready(self) -> bool:
-        return await db.run(db.ping, self._engine)
+        alive = self._thread is not None and self._thread.is_alive()
+        return alive and self._healthy and await db.run(db.ping, self._engine)
+
+    async def verify(self) -> dict[str, Any]:
+        return await db.run(self._verify)
+
+    def _verify(self) -> dict[str, Any]:
+        report = chain.Report()
+        keys = self.public_keys()
+        with self._engine.connect() as conn:
+            chains = conn.execute(select(db.audit_events.c.chain_id).distinct()).scalars().all()
+            for chain_id in sorted({*chains, *self._file_chains()}):
+                cps = self._checkpoints(conn, chain_id)
+                with contextlib.closing(_stream(conn, chain_id)) as records:
+                    report.chains.append(chain.verify_chain(chain_id, records, cps, keys))
+        return report.to_dict()
+
+    def public_keys(self) -> dict[str, str]:
+        """Keys trusted to sign checkpoints: ours, plus *.pem in <checkpoint dir>/trusted/."""
+        keys = {self.keys.signer.key_id: self.keys.signer.public_pem}
+        for pem in sorted((self._checkpoint_dir / "trusted").glob("*.pem")):
+            text = pem.read_text()
+            keys[chain.key_id(text)] = text
+        return keys
+
+    def _file_chains(self) -> list[str]:
+        return [p.stem for p in self._checkpoint_dir.glob("*.jsonl")]
+
+    def _checkpoints(self, conn: Any, chain_id: str) -> list[dict[str, Any]]:
+        c = db.audit_checkpoints
+        rows = conn.execute(select(c).where(c.c.chain_id == chain_id)).all()
+        found = {json.dumps(_cp(r._mapping), sort_keys=True) for r in rows}
+        path = self._checkpoint_dir / f"{chain_id}.jsonl"
+        if path.exists():  # the copy outside the database is what catches a truncated table
+            found |= {json.dumps(json.loads(line), sort_keys=True)
+                      for line in path.read_text().splitlines() if line.strip()}  # fmt: skip
+        return [json.loads(x) for x in found]
+
+    def export(self) -> Iterator[dict[str, Any]]:
+        """JSON Lines objects: a header with the public keys, every record, every checkpoint."""
+        with self._engine.connect() as conn:
+            yield {
+                "type": "header",
+                "format": "capbroker-audit/1",
+                "public_keys": self.public_keys(),
+            }
+            chains = conn.execute(select(db.audit_events.c.chain_id).distinct()).scalars().all()
+            for chain_id in sorted({*chains, *self._file_chains()}):
+                for rec in _stream(conn, chain_id):
+                    yield {"type": "record", **rec}
+                for cp in self._checkpoints(conn, chain_id):
+                    yield {"type": "checkpoint", **cp}
+
+
+def _stream(conn: Any, chain_id: str) -> Iterator[dict[str, Any]]:
+    t = db.audit_events
+    stmt = select(t).where(t.c.chain_id == chain_id).order_by(t.c.seq)
+    result = conn.execute(stmt.execution_options(yield_per=1000))
+    try:
+        for row in result:
+            yield stored_record(row._mapping)
+    finally:
+        result.close()  # a verify that stops early must not leave a server-side cursor open
+
+
+def stored_record(row: Any) -> dict[str, Any]:
+    """A row exactly as hashed (``data`` as its stored text)."""
+    return {k: row[k] for k in (*chain.HASHED_FIELDS, "hash")}
+
+
+def _cp(row: Any) -> dict[str, Any]:
+    return {k: row[k] for k in (*chain.CHECKPOINT_FIELDS, "signature")}
+
+
+def _resolve(item: _Item, seq: int | None) -> None:
+    if item.future is None or item.loop is None:
+        return
+    fut = item.future
+
+    def settle() -> None:
+        if fut.done():
+            return
+        if seq is None:
+            fut.set_exception(AuditUnavailable("the audit log cannot be written"))
+        else:
+            fut.set_result(seq)
+
+    with contextlib.suppress(RuntimeError):  # the caller's loop is gone: nobody is waiting
+        item.loop.call_soon_threadsafe(settle)
+
+
+def _abandoned(started: dict[str, Any]) -> dict[str, Any]:
+    """The record that closes a call whose caller gave up waiting for call.started."""
+    record: dict[str, Any] = dict.fromkeys(_COLUMNS)
+    record.update(
+        {
+            k: started[k]
+            for k in (
+                "call_id",
+                "agent_id",
+                "capability",
+                "capability_version",
+                "task_id",
+                "chain_id",
+            )
+        }
+    )
+    record.update(
+        kind="call.abandoned",
+        reason="audit_timeout",
+        event_id=uuid.uuid4().hex,
+        time=db.utcnow(),
+        data=db.dumps(
+            {
+                "args": None,
+                "secrets": [],
+                "detail": {"why": "call.started was written after the caller gave up; nothing ran"},
+            }
+        ),
+    )
+    return record
+
+
+def _append_line(path: Path, obj: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(obj, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _hmac_paths(args: Any, paths: Sequence[str], hmac: Any) -> Any:
+    """A copy of args with the values at ``paths`` (dotted) replaced by their HMAC."""
+    if not paths or not isinstance(args, dict):
+        return args
+    out = json.loads(json.dumps(args))
+    for path in paths:
+        *parents, last = path.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and last in node:
+            node[last] = hmac(node[last])
+    return out
 
 
 def _decode_cursor(cursor: str) -> int:
@@ -90,9 +456,10 @@ def _decode_cursor(cursor: str) -> int:
     return int(cursor)
 
 
-def _event(row: Any) -> dict[str, Any]:
+def event_dict(row: Any) -> dict[str, Any]:
+    """An audit row for the API: stored fields plus ``args``/``secrets``/``detail`` unpacked."""
     data = json.loads(row["data"])
-    out = {k: row[k] for k in ("seq", "event_id", "chain_id", "time", *_COLUMNS)}
+    out = {k: row[k] for k in ("id", "seq", "event_id", "chain_id", "time", *_COLUMNS)}
     out.update(
         args=data.get("args"), secrets=data.get("secrets", []), detail=data.get("detail", {})
     )

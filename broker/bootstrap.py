@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from broker.admin import Admin
 from broker.audit import SqlAuditLog
@@ -14,12 +15,16 @@ from broker.db import make_engine, migrate
 from broker.errors import BrokerError
 from broker.guards import LocalGuards
 from broker.identity import SqlDirectory
+from broker.keyring import AuditKeys
 from broker.policy import CasbinPolicy, parse_policy_csv
 from broker.registry import SqlCapabilityRegistry
 from broker.rulebook import SqlRulebook
 from broker.service import Broker
 from broker.upstream import HttpUpstream
 from broker.vault import VaultSecretStore
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 log = logging.getLogger("broker.bootstrap")
 BOOTSTRAP_AGENT = "admin"
@@ -44,13 +49,30 @@ def build_broker(settings: Settings) -> Broker:
         ),
         upstream=HttpUpstream(egress_allow=settings.egress_allow),
         guards=LocalGuards(),
-        audit=SqlAuditLog(engine, timeout=settings.audit_timeout),
+        audit=_audit_log(engine, settings),
         max_response_bytes=settings.max_response_bytes,
     )
     broker.admin = Admin(broker)
     broker.on_start.append(lambda: _start(broker, settings))
     broker.on_close.append(lambda: asyncio.to_thread(engine.dispose))
     return broker
+
+
+def _audit_log(engine: Engine, settings: Settings) -> SqlAuditLog:
+    data = settings.data_dir
+    keys = AuditKeys(
+        settings.audit_signing_key_file or data / "audit-signing-key.pem",
+        settings.audit_hmac_keys_file or data / "audit-hmac-keys.json",
+    )
+    return SqlAuditLog(
+        engine,
+        keys=keys,
+        checkpoint_dir=settings.audit_checkpoint_dir or data / "audit-checkpoints",
+        chain_id=settings.audit_chain_id,
+        timeout=settings.audit_timeout,
+        checkpoint_every=settings.audit_checkpoint_every,
+        checkpoint_interval=settings.audit_checkpoint_interval,
+    )
 
 
 async def _start(broker: Broker, settings: Settings) -> None:

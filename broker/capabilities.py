@@ -190,6 +190,10 @@ class Capability(BaseModel):
             # The message names the field and the rule, never echoes a long value back.
             raise InvalidArguments(f"args {where}: {_short(first.message)}")
 
+    def sensitive_args(self) -> tuple[str, ...]:
+        """Dotted paths of arguments marked ``x-sensitive: true`` in the input schema."""
+        return tuple(_sensitive_paths(self.input, ""))
+
     def public_view(self) -> dict[str, Any]:
         """What an agent may see: no secret references, no upstream details."""
         return {
@@ -201,6 +205,18 @@ class Capability(BaseModel):
             "input": self.input,
             "approval": self.approval,
         }
+
+
+def _sensitive_paths(schema: Any, prefix: str) -> list[str]:
+    props = schema.get("properties", {}) if isinstance(schema, dict) else {}
+    out: list[str] = []
+    for name, sub in props.items() if isinstance(props, dict) else ():
+        path = f"{prefix}{name}"
+        if isinstance(sub, dict) and sub.get("x-sensitive") is True:
+            out.append(path)
+        else:
+            out.extend(_sensitive_paths(sub, path + "."))
+    return out
 
 
 def _short(text: str, limit: int = 200) -> str:

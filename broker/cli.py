@@ -34,15 +34,17 @@ TAIL_WIDTHS = (5, 24, 20, 14, 22, 8, 0)
 # --- output helpers --------------------------------------------------------------------------
 
 
-def table(headers: Sequence[str], rows: Iterable[Sequence[Any]],
-          min_widths: Sequence[int] = ()) -> str:
+def table(
+    headers: Sequence[str], rows: Iterable[Sequence[Any]], min_widths: Sequence[int] = ()
+) -> str:
     """Left-aligned columns separated by two spaces; None prints as '-'."""
     cells = [[_cell(v) for v in row] for row in rows]
     mins = [*min_widths, *[0] * len(headers)]
     widths = [max([len(h), mins[i], *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
     lines = [list(headers), *cells]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
-                     for line in lines)
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
+    )
 
 
 def _cell(value: Any) -> str:
@@ -58,8 +60,15 @@ def audit_row(event: dict[str, Any]) -> list[Any]:
     if event.get("upstream_status") is not None:
         outcome = f"{outcome or ''} (upstream {event['upstream_status']})".strip()
     when = str(event.get("time") or "")
-    return [event.get("seq"), when[:23] + "Z" if len(when) > 24 else when, event.get("kind"),
-            event.get("agent_id"), event.get("capability"), event.get("decision"), outcome]
+    return [
+        event.get("seq"),
+        when[:23] + "Z" if len(when) > 24 else when,
+        event.get("kind"),
+        event.get("agent_id"),
+        event.get("capability"),
+        event.get("decision"),
+        outcome,
+    ]
 
 
 def audit_table(events: list[dict[str, Any]]) -> str:
@@ -110,10 +119,20 @@ def main() -> None:
 def uses_client(fn: Callable[..., None]) -> Callable[..., None]:
     """Adds --url/--token (BROKER_URL/BROKER_TOKEN) and passes an open BrokerClient first."""
 
-    @click.option("--token", envvar="BROKER_TOKEN", show_envvar=True,
-                  help="Broker token (prefer the environment: argv is visible in ps).")
-    @click.option("--url", envvar="BROKER_URL", default=DEFAULT_URL, show_default=True,
-                  show_envvar=True, help="Base URL of the broker.")
+    @click.option(
+        "--token",
+        envvar="BROKER_TOKEN",
+        show_envvar=True,
+        help="Broker token (prefer the environment: argv is visible in ps).",
+    )
+    @click.option(
+        "--url",
+        envvar="BROKER_URL",
+        default=DEFAULT_URL,
+        show_default=True,
+        show_envvar=True,
+        help="Base URL of the broker.",
+    )
     @functools.wraps(fn)
     def wrapper(*args: Any, url: str, token: str | None, **kwargs: Any) -> None:
         with BrokerClient(url, token or None) as client:
@@ -182,9 +201,14 @@ def capability() -> None:
 
 
 @capability.command("apply")
-@click.option("-f", "--file", "path", required=True,
-              type=click.Path(exists=True, path_type=Path),
-              help="A manifest file, or a directory of *.yaml/*.yml/*.json manifests.")
+@click.option(
+    "-f",
+    "--file",
+    "path",
+    required=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="A manifest file, or a directory of *.yaml/*.yml/*.json manifests.",
+)
 @uses_client
 def capability_apply(client: BrokerClient, path: Path) -> None:
     """Register (create or update) every manifest found at PATH."""
@@ -212,8 +236,10 @@ def capability_apply(client: BrokerClient, path: Path) -> None:
 def capability_list(client: BrokerClient, all_: bool) -> None:
     """List the capabilities the token may invoke (or all of them)."""
     caps = client.list_capabilities(all=all_)
-    rows = [[c.get("name"), c.get("version"), c.get("effect"), c.get("approval"),
-             c.get("description")] for c in caps]
+    rows = [
+        [c.get("name"), c.get("version"), c.get("effect"), c.get("approval"), c.get("description")]
+        for c in caps
+    ]
     click.echo(table(("name", "version", "effect", "approval", "description"), rows))
 
 
@@ -237,8 +263,9 @@ def capability_delete(client: BrokerClient, name: str) -> None:
 # --- agents -----------------------------------------------------------------------------------
 
 
-def _attributes(_ctx: click.Context, _param: click.Parameter,
-                values: tuple[str, ...]) -> dict[str, str]:
+def _attributes(
+    _ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]
+) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in values:
         key, sep, value = item.partition("=")
@@ -254,8 +281,10 @@ def _show_token(data: dict[str, Any], quiet: bool) -> None:
         return
     click.echo(f"token_id: {data['token_id']}")
     click.echo(f"token:    {data['token']}")
-    click.echo("warning: the token is shown only this once (the broker keeps only its hash); "
-               "store it now", err=True)
+    click.echo(
+        "warning: the token is shown only this once (the broker keeps only its hash); store it now",
+        err=True,
+    )
 
 
 @cli.group()
@@ -266,12 +295,18 @@ def agent() -> None:
 @agent.command("create")
 @click.argument("name")
 @click.option("--role", "roles", multiple=True, help="Grant this role (repeatable).")
-@click.option("--attr", "attributes", multiple=True, callback=_attributes,
-              help="An attribute key=value (repeatable).")
+@click.option(
+    "--attr",
+    "attributes",
+    multiple=True,
+    callback=_attributes,
+    help="An attribute key=value (repeatable).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="Print only the token (for scripts).")
 @uses_client
-def agent_create(client: BrokerClient, name: str, roles: tuple[str, ...],
-                 attributes: dict[str, str], quiet: bool) -> None:
+def agent_create(
+    client: BrokerClient, name: str, roles: tuple[str, ...], attributes: dict[str, str], quiet: bool
+) -> None:
     """Create an agent; prints its token once."""
     created = client.create_agent(name, list(roles), attributes)
     if not quiet:
@@ -284,9 +319,16 @@ def agent_create(client: BrokerClient, name: str, roles: tuple[str, ...],
 @uses_client
 def agent_list(client: BrokerClient) -> None:
     """List agents."""
-    rows = [[a["id"], a.get("roles"), "yes" if a.get("disabled") else "no",
-             sum(1 for t in a.get("tokens", []) if not t.get("revoked_at")), a.get("created_at")]
-            for a in client.list_agents()]
+    rows = [
+        [
+            a["id"],
+            a.get("roles"),
+            "yes" if a.get("disabled") else "no",
+            sum(1 for t in a.get("tokens", []) if not t.get("revoked_at")),
+            a.get("created_at"),
+        ]
+        for a in client.list_agents()
+    ]
     click.echo(table(("id", "roles", "disabled", "live tokens", "created"), rows))
 
 
@@ -297,9 +339,11 @@ def agent_get(client: BrokerClient, agent_id: str) -> None:
     """Show one agent and its tokens."""
     a = client.get_agent(agent_id)
     attrs = ", ".join(f"{k}={v}" for k, v in a.get("attributes", {}).items())
-    click.echo(f"id:         {a['id']}\nname:       {a['name']}\nroles:      {_cell(a['roles'])}"
-               f"\nattributes: {attrs or '-'}\ndisabled:   {a['disabled']}"
-               f"\ncreated:    {a['created_at']}\n")
+    click.echo(
+        f"id:         {a['id']}\nname:       {a['name']}\nroles:      {_cell(a['roles'])}"
+        f"\nattributes: {attrs or '-'}\ndisabled:   {a['disabled']}"
+        f"\ncreated:    {a['created_at']}\n"
+    )
     rows = [[t["id"], t.get("created_at"), t.get("revoked_at")] for t in a.get("tokens", [])]
     click.echo(table(("token", "created", "revoked"), rows))
 
@@ -364,9 +408,14 @@ def role_revoke(client: BrokerClient, agent_id: str, role_name: str) -> None:
 @uses_client
 def role_list(client: BrokerClient) -> None:
     """List roles, their members and their rules."""
-    rows = [[r["name"], r.get("members"),
-             "; ".join(f"{p['effect']} {p['action']} {p['object']}" for p in r.get("rules", []))]
-            for r in client.list_roles()]
+    rows = [
+        [
+            r["name"],
+            r.get("members"),
+            "; ".join(f"{p['effect']} {p['action']} {p['object']}" for p in r.get("rules", [])),
+        ]
+        for r in client.list_roles()
+    ]
     click.echo(table(("role", "members", "rules"), rows))
 
 
@@ -382,25 +431,33 @@ def policy() -> None:
 @click.argument("subject")
 @click.argument("object_")
 @click.option("--action", default="invoke", show_default=True)
-@click.option("--effect", type=click.Choice(["allow", "deny"]), default="allow",
-              show_default=True)
+@click.option("--effect", type=click.Choice(["allow", "deny"]), default="allow", show_default=True)
 @uses_client
-def policy_add(client: BrokerClient, subject: str, object_: str, action: str,
-               effect: str) -> None:
+def policy_add(client: BrokerClient, subject: str, object_: str, action: str, effect: str) -> None:
     """Add a rule: SUBJECT (agent:ID or role:NAME) may (not) ACTION on OBJECT (a glob)."""
     rule = client.add_policy(subject, object_, action, effect)
-    click.echo(f"{rule['id']}  {rule['subject']}  {rule['object']}  {rule['action']}  "
-               f"{rule['effect']}")
+    click.echo(
+        f"{rule['id']}  {rule['subject']}  {rule['object']}  {rule['action']}  {rule['effect']}"
+    )
 
 
 @policy.command("list")
 @uses_client
 def policy_list(client: BrokerClient) -> None:
     """List every rule (built-in ones included)."""
-    rows = [[p["id"], p["subject"], p["object"], p["action"], p["effect"], p.get("condition"),
-             p.get("source")] for p in client.list_policies()]
-    click.echo(table(("id", "subject", "object", "action", "effect", "condition", "source"),
-                     rows))
+    rows = [
+        [
+            p["id"],
+            p["subject"],
+            p["object"],
+            p["action"],
+            p["effect"],
+            p.get("condition"),
+            p.get("source"),
+        ]
+        for p in client.list_policies()
+    ]
+    click.echo(table(("id", "subject", "object", "action", "effect", "condition", "source"), rows))
 
 
 @policy.command("delete")
@@ -423,8 +480,9 @@ def policy_check(client: BrokerClient, agent_id: str, capability_name: str, acti
     d = client.check_policy(capability_name, action=action, **who)
     verdict = "allowed" if d["allowed"] else "denied"
     reason = f"  ({d['reason']})" if d.get("reason") else ""
-    click.echo(f"{verdict}: {agent_id} {action} {capability_name}  "
-               f"rule: {d.get('rule') or '-'}{reason}")
+    click.echo(
+        f"{verdict}: {agent_id} {action} {capability_name}  rule: {d.get('rule') or '-'}{reason}"
+    )
 
 
 # --- audit ------------------------------------------------------------------------------------
@@ -456,6 +514,9 @@ def fetch_events(client: BrokerClient, limit: int, **filters: Any) -> list[dict[
 @click.option("--since", help="ISO 8601 UTC time, e.g. 2025-01-31T00:00:00Z")
 @click.option("--until", help="ISO 8601 UTC time (exclusive)")
 @click.option("--call-id")
+@click.option("--task", help="Task id (X-Broker-Task).")
+@click.option("--trace-id")
+@click.option("--contains", help="Text in the stored arguments/detail, e.g. an HMAC from `hash`.")
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True, help="Print the events as JSON.")
 @uses_client
@@ -470,10 +531,10 @@ def audit_query(client: BrokerClient, limit: int, as_json: bool, **filters: Any)
 
 def _after(events: list[dict[str, Any]], page: dict[str, Any], cursor: str | None) -> str | None:
     # The API hands out a cursor only while more events wait; to resume after the last event
-    # seen, fall back to that event's seq (today's cursor format).
+    # seen, use that event's id (its position in the log, which is what cursors carry).
     if page.get("next_cursor"):
         return str(page["next_cursor"])
-    return str(events[-1]["seq"]) if events else cursor
+    return str(events[-1]["id"]) if events else cursor
 
 
 def _latest(client: BrokerClient, lines: int) -> tuple[list[dict[str, Any]], str | None]:
@@ -491,8 +552,13 @@ def _latest(client: BrokerClient, lines: int) -> tuple[list[dict[str, Any]], str
 @audit.command("tail")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new events until Ctrl-C.")
 @click.option("-n", "--lines", default=20, show_default=True, type=click.IntRange(min=0))
-@click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(min=0.1),
-              help="Seconds between polls with --follow.")
+@click.option(
+    "--interval",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="Seconds between polls with --follow.",
+)
 @uses_client
 def audit_tail(client: BrokerClient, follow: bool, lines: int, interval: float) -> None:
     """Print the latest events; with -f, poll for new ones."""
@@ -510,6 +576,102 @@ def audit_tail(client: BrokerClient, follow: bool, lines: int, interval: float) 
         return
 
 
+@audit.command("verify")
+@click.option(
+    "--file",
+    "path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Verify an export offline (no broker needed).",
+)
+@click.option(
+    "--public-key",
+    "keys",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Trust only this PEM public key for checkpoints (with --file; repeatable).",
+)
+@click.pass_context
+def audit_verify(ctx: click.Context, path: Path | None, keys: tuple[Path, ...]) -> None:
+    """Check the hash chain and the signed checkpoints; exit 1 if anything is wrong."""
+    if path is None:
+        ctx.invoke(_verify_online)
+        return
+    from broker.chain import key_id, verify_export
+
+    trusted = {key_id(k.read_text()): k.read_text() for k in keys} if keys else None
+    with path.open(encoding="utf-8") as f:
+        report = verify_export(iter(f), trusted)
+    if trusted is None:
+        click.echo(
+            "note: trusting the public key inside the file (pin one with --public-key)", err=True
+        )
+    _print_verify(report)
+
+
+@click.command()
+@uses_client
+def _verify_online(client: BrokerClient) -> None:
+    _print_verify(client.verify_audit())
+
+
+def _print_verify(report: dict[str, Any]) -> None:
+    rows = [
+        [
+            c["chain_id"],
+            "ok" if c["ok"] else "BAD",
+            c["checked"],
+            c["checkpoints"],
+            c["first_bad_seq"],
+            c["problem"],
+        ]
+        for c in report["chains"]
+    ]
+    click.echo(
+        table(("chain", "result", "records", "checkpoints", "first bad seq", "problem"), rows)
+    )
+    if not report["ok"]:
+        fail(
+            "audit_tampered",
+            f"the audit log does not verify (first bad seq {report['first_bad_seq']})",
+        )
+    click.echo(f"ok: {report['checked']} records verified")
+
+
+@audit.command("export")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write to this file (default: standard output).",
+)
+@uses_client
+def audit_export(client: BrokerClient, output: Path | None) -> None:
+    """Write the audit log with its checkpoints as JSON Lines (for `verify --file`)."""
+    if output is None:
+        for line in client.export_audit():
+            click.echo(line)
+        return
+    with output.open("w", encoding="utf-8") as f:
+        count = sum(1 for line in client.export_audit() if f.write(line + "\n"))
+    click.echo(f"wrote {count} lines to {output}")
+
+
+@audit.command("hash")
+@click.argument("value")
+@uses_client
+def audit_hash(client: BrokerClient, value: str) -> None:
+    """Print VALUE's HMAC under every audit key: search for it with `query --contains`."""
+    for h in client.hash_value(value):
+        click.echo(h)
+
+
+@audit.command("rotate-hmac-key")
+@uses_client
+def audit_rotate(client: BrokerClient) -> None:
+    """Start HMAC'ing sensitive values with a new key (old records keep their key id)."""
+    click.echo(client.rotate_hmac_key())
+
+
 # --- calls ------------------------------------------------------------------------------------
 
 
@@ -519,19 +681,30 @@ def _json_object(_ctx: click.Context, _param: click.Parameter, value: str) -> di
     except ValueError as exc:
         raise click.BadParameter(f"not JSON: {exc}") from None
     if not isinstance(parsed, dict):
-        raise click.BadParameter("must be a JSON object, e.g. '{\"message\": \"hi\"}'")
+        raise click.BadParameter('must be a JSON object, e.g. \'{"message": "hi"}\'')
     return parsed
 
 
 @cli.command(short_help="Invoke a capability (as the token's agent).")
 @click.argument("capability_name")
-@click.option("--args", "args", default="{}", callback=_json_object, show_default=True,
-              help="The arguments as a JSON object.")
+@click.option(
+    "--args",
+    "args",
+    default="{}",
+    callback=_json_object,
+    show_default=True,
+    help="The arguments as a JSON object.",
+)
 @click.option("--idempotency-key", help="Replays return the first result instead of re-running.")
 @click.option("--task", help="Task id (X-Broker-Task) for budgets and the audit log.")
 @uses_client
-def invoke(client: BrokerClient, capability_name: str, args: dict[str, Any],
-           idempotency_key: str | None, task: str | None) -> None:
+def invoke(
+    client: BrokerClient,
+    capability_name: str,
+    args: dict[str, Any],
+    idempotency_key: str | None,
+    task: str | None,
+) -> None:
     """Invoke a capability as the token's agent; prints the broker's answer."""
     echo_json(client.invoke(capability_name, args, idempotency_key=idempotency_key, task=task))
 

@@ -6,6 +6,7 @@ Importing this module pulls in no server dependency (no FastAPI, SQLAlchemy, hva
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
@@ -170,6 +171,25 @@ class BrokerClient:
         body = {"object": object, "action": action, "agent": agent, "subject": subject}
         out: dict[str, Any] = self.request("POST", "/v1/policies/check", json=body)
         return out
+
+    def verify_audit(self) -> dict[str, Any]:
+        out: dict[str, Any] = self.request("GET", "/v1/audit/verify")
+        return out
+
+    def export_audit(self) -> Iterator[str]:
+        """The export's lines (JSON objects as text), streamed."""
+        with self._http.stream("GET", "/v1/audit/export") as response:
+            if response.status_code >= 400:
+                response.read()
+                raise _error_from(response)
+            yield from (line for line in response.iter_lines() if line)
+
+    def hash_value(self, value: Any) -> list[str]:
+        hashes: list[str] = self.request("POST", "/v1/audit/hash", json={"value": value})["hashes"]
+        return hashes
+
+    def rotate_hmac_key(self) -> str:
+        return str(self.request("POST", "/v1/audit/hmac-keys/rotate")["key_id"])
 
     def audit(self, **filters: Any) -> dict[str, Any]:
         params = {k: v for k, v in filters.items() if v is not None}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import socket
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -37,6 +38,14 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=1_048_576, gt=0)
     max_response_bytes: int = Field(default=10_485_760, gt=0)
     audit_timeout: float = Field(default=5.0, gt=0)
+    audit_chain_id: str = Field(
+        default_factory=socket.gethostname, pattern=r"^[A-Za-z0-9._-]{1,64}$"
+    )
+    audit_signing_key_file: Path | None = None  # default: <data_dir>/audit-signing-key.pem
+    audit_hmac_keys_file: Path | None = None  # default: <data_dir>/audit-hmac-keys.json
+    audit_checkpoint_dir: Path | None = None  # default: <data_dir>/audit-checkpoints
+    audit_checkpoint_every: int = Field(default=1000, gt=0)  # records
+    audit_checkpoint_interval: float = Field(default=10.0, gt=0)  # seconds
     log_level: str = "info"
 
     @field_validator("egress_allow", mode="before")

@@ -25,6 +25,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
     create_engine,
     event,
 )
@@ -90,8 +91,9 @@ policies = Table(
 audit_events = Table(
     "audit_events",
     metadata,
-    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", Integer, primary_key=True, autoincrement=True),  # global order, for paging
     Column("chain_id", String(64), nullable=False),
+    Column("seq", Integer, nullable=False),  # per chain, from 1, no gaps
     Column("event_id", String(64), nullable=False, unique=True),
     Column("call_id", String(64), nullable=True, index=True),
     Column("time", String(32), nullable=False, index=True),
@@ -110,8 +112,21 @@ audit_events = Table(
     Column("trace_id", String(64), nullable=True),
     Column("idempotency_key", String(256), nullable=True),
     Column("data", Text, nullable=False),
-    Column("prev_hash", String(64), nullable=True),
-    Column("hash", String(64), nullable=True),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+    UniqueConstraint("chain_id", "seq", name="uq_audit_chain_seq"),
+)
+
+audit_checkpoints = Table(
+    "audit_checkpoints",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("chain_id", String(64), nullable=False, index=True),
+    Column("seq", Integer, nullable=False),
+    Column("hash", String(64), nullable=False),
+    Column("time", String(32), nullable=False),
+    Column("key_id", String(64), nullable=False),
+    Column("signature", Text, nullable=False),
 )
 
 

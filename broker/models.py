@@ -132,6 +132,11 @@ class AuditVerify(BaseModel):
     ok: bool
     checked: int
     first_bad_seq: int | None = None
+    chains: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class HashIn(_Strict):
+    value: Any
 
 
 class ErrorBody(BaseModel):

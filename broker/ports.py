@@ -7,7 +7,7 @@ Adapters implement these: vault.py (SecretStore), upstream.py (Upstream), policy
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -131,6 +131,7 @@ class AuditEvent:
     trace_id: str | None = None
     idempotency_key: str | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+    sensitive: tuple[str, ...] = ()  # dotted arg paths stored as keyed HMACs, never as values
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,9 @@ class AuditQuery:
     until: str | None = None
     call_id: str | None = None
     task_id: str | None = None
+    trace_id: str | None = None
+    chain_id: str | None = None
+    contains: str | None = None  # substring of the stored args/detail (e.g. an HMAC)
     limit: int = 100
     cursor: str | None = None
 
@@ -249,9 +253,25 @@ class Directory(Protocol):
 
 
 class AuditLog(Protocol):
+    async def start(self) -> int:
+        """Start writing; record ``call.abandoned`` for calls a crash left open (their count)."""
+
+    async def close(self) -> None: ...
+
     async def append(self, event: AuditEvent) -> int:
         """Durably store the event and return its seq; raises AuditUnavailable."""
 
     async def query(self, q: AuditQuery) -> tuple[list[dict[str, Any]], str | None]: ...
 
     async def ready(self) -> bool: ...
+
+    async def verify(self) -> dict[str, Any]:
+        """``{"ok", "checked", "first_bad_seq", "chains": [...]}`` over every chain."""
+
+    def export(self) -> Iterator[dict[str, Any]]:
+        """JSON Lines objects (header, records, checkpoints) for offline verification."""
+
+    def hmac_all(self, value: Any) -> list[str]:
+        """The value's HMAC under every audit key, to search records for a known value."""
+
+    def rotate_hmac_key(self) -> str: ...

@@ -96,6 +96,7 @@ class Call:
             task_id=self.request.task_id,
             trace_id=self.request.trace_id,
             idempotency_key=self.request.idempotency_key,
+            sensitive=cap.sensitive_args() if cap else (),
             **fields,
         )
 
@@ -131,12 +132,16 @@ class Broker:
         self.on_close: list[Callable[[], Awaitable[None]]] = []
 
     async def start(self) -> None:
+        abandoned = await self.audit.start()
+        if abandoned:
+            log.warning("%d calls were left open by a crash: recorded call.abandoned", abandoned)
         for hook in self.on_start:
             await hook()
 
     async def close(self) -> None:
         await self.upstream.close()
         await self.secrets.close()
+        await self.audit.close()
         for hook in self.on_close:
             await hook()
 

@@ -84,9 +84,11 @@ def token_from(output: str) -> str:
 def test_capability_apply_directory_of_two(
     running_broker: RunningBroker, upstream: RunningUpstream, tmp_path: Path
 ) -> None:
-    (tmp_path / "a.yaml").write_text(manifest("cli.a", upstream.url))
-    (tmp_path / "b.yml").write_text(manifest("cli.b", upstream.url))
-    result = run(running_broker, "capability", "apply", "-f", str(tmp_path))
+    caps = tmp_path / "caps"
+    caps.mkdir()
+    (caps / "a.yaml").write_text(manifest("cli.a", upstream.url))
+    (caps / "b.yml").write_text(manifest("cli.b", upstream.url))
+    result = run(running_broker, "capability", "apply", "-f", str(caps))
     assert result.exit_code == 0, result.output
     assert "cli.a  version 1" in result.stdout
     assert "cli.b  version 1" in result.stdout

@@ -33,6 +33,7 @@ def reset_postgres(url: str) -> None:
     engine = sa.create_engine(url)
     with engine.begin() as conn:
         for table in (
+            "audit_checkpoints",
             "audit_events",
             "policies",
             "role_grants",
@@ -132,6 +133,6 @@ def start_broker(
 
 @pytest.fixture
 def running_broker(openbao: DevVault, database_url: str, tmp_path: Path) -> Iterator[RunningBroker]:
-    rb = start_broker(openbao, database_url, tmp_path)
+    rb = start_broker(openbao, database_url, tmp_path / "data")
     yield rb
     rb.close()

@@ -1,4 +1,5 @@
-"""Initial schema: capabilities, agents, tokens, role grants, policies, audit events.
+"""Initial schema: capabilities, agents, tokens, role grants, policies, audit events and
+checkpoints.
 
 Revision ID: 0001
 Revises:
@@ -60,8 +61,9 @@ def upgrade() -> None:
     )
     op.create_table(
         "audit_events",
-        sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
         sa.Column("chain_id", sa.String(64), nullable=False),
+        sa.Column("seq", sa.Integer, nullable=False),
         sa.Column("event_id", sa.String(64), nullable=False, unique=True),
         sa.Column("call_id", sa.String(64), nullable=True, index=True),
         sa.Column("time", sa.String(32), nullable=False, index=True),
@@ -80,11 +82,30 @@ def upgrade() -> None:
         sa.Column("trace_id", sa.String(64), nullable=True),
         sa.Column("idempotency_key", sa.String(256), nullable=True),
         sa.Column("data", sa.Text, nullable=False),
-        sa.Column("prev_hash", sa.String(64), nullable=True),
-        sa.Column("hash", sa.String(64), nullable=True),
+        sa.Column("prev_hash", sa.String(64), nullable=False),
+        sa.Column("hash", sa.String(64), nullable=False),
+        sa.UniqueConstraint("chain_id", "seq", name="uq_audit_chain_seq"),
+    )
+    op.create_table(
+        "audit_checkpoints",
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("chain_id", sa.String(64), nullable=False, index=True),
+        sa.Column("seq", sa.Integer, nullable=False),
+        sa.Column("hash", sa.String(64), nullable=False),
+        sa.Column("time", sa.String(32), nullable=False),
+        sa.Column("key_id", sa.String(64), nullable=False),
+        sa.Column("signature", sa.Text, nullable=False),
     )
 
 
 def downgrade() -> None:
-    for table in ("audit_events", "policies", "role_grants", "tokens", "agents", "capabilities"):
+    for table in (
+        "audit_checkpoints",
+        "audit_events",
+        "policies",
+        "role_grants",
+        "tokens",
+        "agents",
+        "capabilities",
+    ):
         op.drop_table(table)

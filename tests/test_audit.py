@@ -1,0 +1,338 @@
+"""The audit log you can prove: chain, checkpoints, tampering found, offline export, HMACs."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from click.testing import CliRunner
+
+from broker import chain
+from broker.cli import cli
+from broker.devserver import DevVault
+from tests.support.brokers import RunningBroker, start_broker
+from tests.support.upstreams import RunningUpstream
+from tests.test_invoke import echo_manifest, invoke
+
+
+def make_history(rb: RunningBroker, upstream: RunningUpstream, calls: int = 8) -> None:
+    rb.secret("tests/echo", {"token": "audit-test-credential"})
+    rb.admin.put_capability(echo_manifest(upstream.url))
+    rb.admin.add_policy("role:tester", "test.*")
+    token = rb.agent("ava", ["tester"])
+    for i in range(calls):
+        invoke(rb, token, {"message": f"m{i}"})
+    invoke(rb, rb.agent("ben"), {"message": "denied"})
+
+
+@pytest.fixture
+def history(
+    openbao: DevVault, database_url: str, tmp_path: Path, upstream: RunningUpstream
+) -> tuple[str, Path]:
+    """A stopped broker's log (checkpoints every 5 records and at shutdown)."""
+    data = tmp_path / "data"
+    rb = start_broker(openbao, database_url, data, audit_checkpoint_every=5)
+    make_history(rb, upstream)
+    rb.close()
+    return database_url, data
+
+
+def restart(openbao: DevVault, where: tuple[str, Path]) -> RunningBroker:
+    return start_broker(openbao, where[0], where[1], audit_checkpoint_every=5)
+
+
+def sql(url: str, *statements: str, params: dict[str, Any] | None = None) -> None:
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        for s in statements:
+            conn.execute(sa.text(s), params or {})
+    engine.dispose()
+
+
+def rows(url: str) -> list[dict[str, Any]]:
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        out = [
+            dict(r._mapping)
+            for r in conn.execute(sa.text("SELECT * FROM audit_events ORDER BY chain_id, seq"))
+        ]
+    engine.dispose()
+    return out
+
+
+def verify(openbao: DevVault, where: tuple[str, Path]) -> dict[str, Any]:
+    rb = restart(openbao, where)
+    try:
+        report: dict[str, Any] = rb.admin.verify_audit()
+        return report
+    finally:
+        rb.close()
+
+
+def checkpoint_seqs(data: Path) -> list[int]:
+    [file] = (data / "audit-checkpoints").glob("*.jsonl")
+    return sorted(json.loads(line)["seq"] for line in file.read_text().splitlines())
+
+
+# -- an honest log verifies --------------------------------------------------------------------
+
+
+def test_untouched_log_verifies(openbao: DevVault, history: tuple[str, Path]) -> None:
+    report = verify(openbao, history)
+    assert report["ok"] is True and report["first_bad_seq"] is None
+    assert report["checked"] >= 20
+    [c] = report["chains"]
+    assert c["checkpoints"] >= 3 and c["head_seq"] == report["checked"]
+    stored = rows(history[0])
+    assert [r["seq"] for r in stored] == list(range(1, len(stored) + 1))
+    assert stored[0]["prev_hash"] == chain.GENESIS
+    assert all(b["prev_hash"] == a["hash"] for a, b in itertools.pairwise(stored))
+
+
+def test_every_record_is_durable_and_chained_under_concurrency(
+    running_broker: RunningBroker, upstream: RunningUpstream
+) -> None:
+    make_history(running_broker, upstream, calls=0)
+    token = running_broker.agent("cat", ["tester"])
+    codes: list[int] = []
+
+    def worker(n: int) -> None:
+        for i in range(10):
+            codes.append(invoke(running_broker, token, {"message": f"{n}-{i}"}).status_code)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert codes == [200] * 80
+    finished = running_broker.audit(kind="call.finished", agent="cat")
+    assert len(finished) == 80
+    report = running_broker.admin.verify_audit()
+    assert report["ok"] is True
+
+
+# -- tampering is found, and the first bad record named ----------------------------------------
+
+
+def test_edited_field_is_found(openbao: DevVault, history: tuple[str, Path]) -> None:
+    sql(history[0], "UPDATE audit_events SET agent_id = 'someone-else' WHERE seq = 7")
+    report = verify(openbao, history)
+    assert report["ok"] is False and report["first_bad_seq"] == 7
+    assert "edited" in report["chains"][0]["problem"]
+
+
+def test_edited_args_are_found(openbao: DevVault, history: tuple[str, Path]) -> None:
+    target = next(r for r in rows(history[0]) if r["kind"] == "call.started")
+    data = target["data"].replace('"m', '"M', 1)
+    assert data != target["data"]
+    sql(
+        history[0],
+        "UPDATE audit_events SET data = :d WHERE seq = :s",
+        params={"d": data, "s": target["seq"]},
+    )
+    assert verify(openbao, history)["first_bad_seq"] == target["seq"]
+
+
+def test_deleted_record_is_found(openbao: DevVault, history: tuple[str, Path]) -> None:
+    sql(history[0], "DELETE FROM audit_events WHERE seq = 9")
+    report = verify(openbao, history)
+    assert report["first_bad_seq"] == 9 and "missing" in report["chains"][0]["problem"]
+
+
+def test_swapped_records_are_found(openbao: DevVault, history: tuple[str, Path]) -> None:
+    sql(
+        history[0],
+        "UPDATE audit_events SET seq = -1 WHERE seq = 11",
+        "UPDATE audit_events SET seq = 11 WHERE seq = 12",
+        "UPDATE audit_events SET seq = 12 WHERE seq = -1",
+    )
+    assert verify(openbao, history)["first_bad_seq"] == 11
+
+
+def test_truncated_tail_is_found(openbao: DevVault, history: tuple[str, Path]) -> None:
+    total = len(rows(history[0]))
+    sql(history[0], "DELETE FROM audit_events WHERE seq > :n", params={"n": total - 4})
+    # Cover the tracks in the database too: only the file outside it still knows.
+    sql(history[0], "DELETE FROM audit_checkpoints")
+    report = verify(openbao, history)
+    assert report["ok"] is False and report["first_bad_seq"] == total - 3
+    assert "missing" in report["chains"][0]["problem"]
+
+
+def test_rewritten_and_rehashed_log_is_found(openbao: DevVault, history: tuple[str, Path]) -> None:
+    url, data = history
+    stored = rows(url)
+    k = 13
+    prev = stored[k - 2]["hash"]
+    for rec in stored[k - 1 :]:
+        if rec["seq"] == k:
+            rec["agent_id"] = "forged"
+        rec["prev_hash"] = prev
+        rec["hash"] = prev = chain.record_hash(rec)
+        sql(
+            url,
+            "UPDATE audit_events SET agent_id = :a, prev_hash = :p, hash = :h "
+            "WHERE chain_id = :c AND seq = :s",
+            params={
+                "a": rec["agent_id"],
+                "p": rec["prev_hash"],
+                "h": rec["hash"],
+                "c": rec["chain_id"],
+                "s": rec["seq"],
+            },
+        )
+    sql(url, "DELETE FROM audit_checkpoints")  # the forger also removes the evidence it can reach
+    report = verify(openbao, history)
+    assert report["ok"] is False
+    last_good = max(s for s in checkpoint_seqs(data) if s < k)
+    assert report["first_bad_seq"] == last_good + 1 <= k
+    assert "rewritten" in report["chains"][0]["problem"]
+
+
+def test_forged_checkpoint_is_refused(openbao: DevVault, history: tuple[str, Path]) -> None:
+    _, data = history
+    [file] = (data / "audit-checkpoints").glob("*.jsonl")
+    lines = file.read_text().splitlines()
+    forged = json.loads(lines[-1])
+    forged["seq"] -= 1
+    file.write_text("\n".join([*lines, json.dumps(forged)]) + "\n")
+    report = verify(openbao, history)
+    assert report["ok"] is False and "signature" in report["chains"][0]["problem"]
+
+
+# -- export and offline verification -----------------------------------------------------------
+
+
+def test_export_verifies_offline_and_tampering_shows(
+    openbao: DevVault, history: tuple[str, Path], tmp_path: Path
+) -> None:
+    rb = restart(openbao, history)
+    export = tmp_path / "audit.jsonl"
+    try:
+        env = {"BROKER_URL": rb.url, "BROKER_TOKEN": rb.admin_token}
+        out = CliRunner().invoke(cli, ["audit", "export", "-o", str(export)], env=env)
+        assert out.exit_code == 0, out.output
+    finally:
+        rb.close()
+    pem = tmp_path / "key.pem"
+    pem.write_text(json.loads(export.read_text().splitlines()[0])["public_keys"].popitem()[1])
+    # Offline: no broker is running now.
+    ok = CliRunner().invoke(
+        cli, ["audit", "verify", "--file", str(export), "--public-key", str(pem)]
+    )
+    assert ok.exit_code == 0, ok.output
+    assert "ok:" in ok.output
+    lines = export.read_text().splitlines()
+    i = next(n for n, line in enumerate(lines) if '"seq": 5' in line and '"record"' in line)
+    rec = json.loads(lines[i])
+    rec["kind"] = "call.finished" if rec["kind"] != "call.finished" else "call.started"
+    lines[i] = json.dumps(rec)
+    export.write_text("\n".join(lines) + "\n")
+    bad = CliRunner().invoke(
+        cli, ["audit", "verify", "--file", str(export), "--public-key", str(pem)]
+    )
+    assert bad.exit_code == 1 and "audit_tampered" in bad.output and "5" in bad.output
+
+
+def test_export_signed_by_another_key_is_refused(
+    openbao: DevVault, history: tuple[str, Path], tmp_path: Path
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    rb = restart(openbao, history)
+    try:
+        lines = list(rb.admin.export_audit())
+    finally:
+        rb.close()
+    other = tmp_path / "other.pem"
+    other.write_bytes(
+        Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    export = tmp_path / "audit.jsonl"
+    export.write_text("\n".join(lines) + "\n")
+    out = CliRunner().invoke(
+        cli, ["audit", "verify", "--file", str(export), "--public-key", str(other)]
+    )
+    assert out.exit_code == 1 and "signature" in out.output
+
+
+# -- sensitive values --------------------------------------------------------------------------
+
+
+def test_sensitive_arguments_are_stored_as_keyed_hmacs(
+    running_broker: RunningBroker, upstream: RunningUpstream
+) -> None:
+    rb = running_broker
+    m = echo_manifest(upstream.url, "test.secretive")
+    m["input"]["properties"]["message"]["x-sensitive"] = True
+    rb.secret("tests/echo", {"token": "audit-test-credential"})
+    rb.admin.put_capability(m)
+    rb.admin.add_policy("role:tester", "test.*")
+    token = rb.agent("dee", ["tester"])
+    assert (
+        invoke(
+            rb, token, {"message": "patient-4711", "count": 2}, name="test.secretive"
+        ).status_code
+        == 200
+    )
+    assert "patient-4711" not in json.dumps(rb.raw_audit_rows(), default=str)
+    [started] = rb.audit(kind="call.started", agent="dee")
+    assert started["args"]["count"] == 2
+    assert started["args"]["message"].startswith("hmac-sha256:")
+    [h] = rb.admin.hash_value("patient-4711")
+    assert h == started["args"]["message"]
+    assert [e["call_id"] for e in rb.audit(contains=h)] == [started["call_id"]]
+    # Rotation: new records use the new key, old ones stay findable and the chain verifies.
+    new_key = rb.admin.rotate_hmac_key()
+    invoke(rb, token, {"message": "patient-4711"}, name="test.secretive")
+    hashes = rb.admin.hash_value("patient-4711")
+    assert len(hashes) == 2 and hashes[0].split(":")[1] == new_key
+    found = {e["call_id"] for h in hashes for e in rb.audit(contains=h, kind="call.started")}
+    assert len(found) == 2
+    assert rb.admin.verify_audit()["ok"] is True
+
+
+# -- fail closed, bounded ----------------------------------------------------------------------
+
+
+def test_hung_audit_store_is_503_within_the_timeout_and_not_ready(
+    openbao: DevVault, database_url: str, tmp_path: Path, upstream: RunningUpstream
+) -> None:
+    import time
+
+    rb = start_broker(openbao, database_url, tmp_path / "data", audit_timeout=1.0)
+    engine = sa.create_engine(database_url)
+    try:
+        make_history(rb, upstream, calls=1)
+        token = rb.agent("eli", ["tester"])
+        before = len(upstream.requests)
+        with engine.connect() as conn:
+            # Another client holds the audit table: writes hang, as on a stuck disk or database.
+            if engine.dialect.name == "sqlite":
+                conn.exec_driver_sql("BEGIN EXCLUSIVE")
+            else:
+                conn.exec_driver_sql("BEGIN")
+                conn.exec_driver_sql("LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE")
+            start = time.monotonic()
+            r = invoke(rb, token, {"message": "m"})
+            took = time.monotonic() - start
+            assert r.status_code == 503 and r.json()["error"]["code"] == "audit_unavailable"
+            assert took < 10  # bounded: the audit timeout, not forever
+            assert rb.http().get("/readyz").status_code == 503
+            conn.rollback()
+        assert len(upstream.requests) == before  # nothing executed
+        assert invoke(rb, token, {"message": "m"}).status_code == 200  # and it recovers
+        assert rb.http().get("/readyz").status_code == 200
+        assert rb.admin.verify_audit()["ok"] is True
+    finally:
+        engine.dispose()
+        rb.close()
