@@ -3,9 +3,10 @@
 Pure functions over plain dicts, shared by the broker (``audit.py``) and the offline
 verifier (``broker audit verify --file``). The only module that imports ``cryptography``.
 
-Canonical encoding (stable across versions and across SQLite/PostgreSQL): the record's
-fields in ``HASHED_FIELDS``, as a JSON object with sorted keys, no whitespace, UTF-8, no
-ASCII escaping; ``data`` is hashed as the exact text that is stored. Then
+Canonical encoding (stable across versions and across SQLite/PostgreSQL): the values of the
+record's fields in ``HASHED_FIELDS`` order, as a JSON array with no whitespace, UTF-8, no
+ASCII escaping (``null`` for an absent value); ``data`` is hashed as the exact text that is
+stored. New fields are only ever appended to ``HASHED_FIELDS``. Then
 
     hash = sha256(prev_hash_hex + "\\n" + canonical_json).hexdigest()
 
@@ -43,8 +44,11 @@ def canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
 def record_hash(record: Mapping[str, Any]) -> str:
-    body = canonical({k: record.get(k) for k in HASHED_FIELDS})
+    body = _encode([record.get(k) for k in HASHED_FIELDS])
     return hashlib.sha256(f"{record['prev_hash']}\n{body}".encode()).hexdigest()
 
 

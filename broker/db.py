@@ -131,12 +131,15 @@ audit_checkpoints = Table(
 
 
 def utcnow() -> str:
-    """Timestamps are fixed-width ISO 8601 UTC text: they sort and compare the same everywhere."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """Timestamps are fixed-width ISO 8601 UTC text: they sort and compare the same everywhere.
+
+    ``2026-11-26T11:21:09.551000Z`` (isoformat is several times faster than strftime).
+    """
+    return datetime.now(UTC).isoformat(timespec="microseconds")[:26] + "Z"
 
 
-def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+# json.dumps with options builds a new encoder per call; one prebuilt encoder is much cheaper.
+dumps = json.JSONEncoder(separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode
 
 
 def make_engine(url: str, *, busy_timeout: float = 5.0) -> Engine:
