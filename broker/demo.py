@@ -113,8 +113,13 @@ async def _read_body(receive: Receive) -> bytes | None:
 
 def _echo(scope: Scope, query: dict[str, str], body: bytes) -> dict[str, Any]:
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-    out: dict[str, Any] = {"method": scope["method"], "path": scope["path"], "query": query,
-                           "headers": headers, "json": None}
+    out: dict[str, Any] = {
+        "method": scope["method"],
+        "path": scope["path"],
+        "query": query,
+        "headers": headers,
+        "json": None,
+    }
     if body:
         try:
             out["json"] = json.loads(body)
@@ -128,12 +133,16 @@ async def _weather(send: Send, query: dict[str, str]) -> None:
     if not city:
         await _send_json(send, 400, {"error": "the query parameter city is required"})
         return
-    await _send_json(send, 200, {
-        "city": city,
-        "temperature_c": 21,
-        "conditions": "sunny",
-        "source": "capbroker demo upstream (fixed data)",
-    })
+    await _send_json(
+        send,
+        200,
+        {
+            "city": city,
+            "temperature_c": 21,
+            "conditions": "sunny",
+            "source": "capbroker demo upstream (fixed data)",
+        },
+    )
 
 
 async def _send_json(send: Send, status: int, data: Any) -> None:
@@ -153,8 +162,15 @@ class ServerThread:
     port 0 gives a free port known before the server starts.
     """
 
-    def __init__(self, app: ASGIApp, *, host: str = LOOPBACK, port: int = 0,
-                 lifespan: Lifespan = "off", log_level: str = "warning") -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        host: str = LOOPBACK,
+        port: int = 0,
+        lifespan: Lifespan = "off",
+        log_level: str = "warning",
+    ) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -166,11 +182,21 @@ class ServerThread:
             raise
         self.host = host
         self.port: int = self._sock.getsockname()[1]
-        config = uvicorn.Config(app, host=host, port=self.port, lifespan=lifespan,
-                                log_level=log_level, timeout_graceful_shutdown=2)
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=self.port,
+            lifespan=lifespan,
+            log_level=log_level,
+            timeout_graceful_shutdown=2,
+        )
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
-                                        name=f"asgi-{self.port}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.run,
+            kwargs={"sockets": [self._sock]},
+            name=f"asgi-{self.port}",
+            daemon=True,
+        )
 
     @property
     def url(self) -> str:
@@ -295,15 +321,28 @@ def run_dev(say: Say) -> None:
         if upstream is not None:
             stack.enter_context(upstream)
         settings = Settings(
-            vault_addr=vault.addr, vault_token=SecretStr(vault.root_token),
+            vault_addr=vault.addr,
+            vault_token=SecretStr(vault.root_token),
             bootstrap_admin_token=SecretStr(admin_token),
             # dev only: let the example capabilities reach the demo upstream on loopback
             egress_allow=[*base.egress_allow, "127.0.0.1/32"],
-            capabilities_dir=caps_dir, policies_dir=policies_dir,
+            capabilities_dir=caps_dir,
+            policies_dir=policies_dir,
         )
         server = stack.enter_context(_dev_server(settings))
-        say(dev_banner(DevInfo(server.url, vault.addr, vault.root_token, admin_token, settings,
-                               manifests, upstream.url if upstream else None)))
+        say(
+            dev_banner(
+                DevInfo(
+                    server.url,
+                    vault.addr,
+                    vault.root_token,
+                    admin_token,
+                    settings,
+                    manifests,
+                    upstream.url if upstream else None,
+                )
+            )
+        )
         try:
             _stop_on_sigterm()
             server.wait()
@@ -324,8 +363,9 @@ def _stop_on_sigterm() -> None:
 
 def configure_logging(level: str) -> None:
     """The broker's own loggers at ``level``; libraries (alembic, ...) at warning."""
-    logging.basicConfig(level=logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("broker").setLevel(level.upper())
 
 
@@ -338,8 +378,10 @@ def _dev_upstream(say: Say) -> ServerThread | None:
         return ServerThread(demo_upstream, port=DEV_UPSTREAM_PORT)
     except OSError as exc:
         # The broker is still useful without it; only the demo.* capabilities will fail.
-        say(f"warning: cannot serve the demo upstream on {LOOPBACK}:{DEV_UPSTREAM_PORT} ({exc}); "
-            "the demo.* capabilities will answer upstream_error")
+        say(
+            f"warning: cannot serve the demo upstream on {LOOPBACK}:{DEV_UPSTREAM_PORT} ({exc}); "
+            "the demo.* capabilities will answer upstream_error"
+        )
         return None
 
 
@@ -350,11 +392,14 @@ def _dev_server(settings: Settings) -> ServerThread:
     configure_logging(settings.log_level)
     app = create_app(build_broker(settings), max_request_bytes=settings.max_request_bytes)
     try:
-        return ServerThread(app, host=settings.host, port=settings.port, lifespan="on",
-                            log_level=settings.log_level)
+        return ServerThread(
+            app, host=settings.host, port=settings.port, lifespan="on", log_level=settings.log_level
+        )
     except OSError as exc:
-        raise RuntimeError(f"cannot listen on {settings.host}:{settings.port}: {exc} "
-                           "(set BROKER_PORT to use another port)") from None
+        raise RuntimeError(
+            f"cannot listen on {settings.host}:{settings.port}: {exc} "
+            "(set BROKER_PORT to use another port)"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -373,35 +418,39 @@ def dev_banner(info: DevInfo) -> str:
     s = info.settings
     url = info.broker_url.replace("://0.0.0.0:", "://127.0.0.1:").replace("://[::]:", "://[::1]:")
     agent = "try-" + secrets.token_hex(2)  # a fresh name each start: the db outlives restarts
-    applied = [f"{s.capabilities_dir}/ ({info.manifests} manifests)" if s.capabilities_dir else "",
-               f"{s.policies_dir}/policy.csv" if s.policies_dir else ""]
-    return "\n".join([
-        "",
-        "capbroker dev server is running (Ctrl-C to stop)",
-        "",
-        f"  broker    {url}   data in {s.data_dir}/ ({s.resolved_database_url()})",
-        f"  OpenBao   {info.vault_addr}   in-memory dev server; example secrets rewritten",
-        f"  upstream  {info.upstream_url or '(not running)'}   demo upstream for demo.*",
-        f"  applied   {', '.join(a for a in applied if a) or 'nothing'}",
-        "",
-        f"Admin token (also in {s.data_dir / ADMIN_TOKEN_FILE}): {info.admin_token}",
-        "",
-        "In another terminal:",
-        "",
-        f"  export BROKER_URL={url} BROKER_TOKEN={info.admin_token}",
-        f"  export BAO_ADDR={info.vault_addr} BAO_TOKEN={info.vault_token}"
-        "   # optional, for: bao kv put secret/github token=...",
-        "",
-        "Try it (create an agent, grant a role, invoke a demo capability with curl):",
-        "",
-        f"  AGENT_TOKEN=$(broker agent create {agent} --quiet)",
-        f"  broker role grant {agent} reader",
-        '  curl -s -X POST "$BROKER_URL/v1/capabilities/demo.echo/invoke" \\',
-        '    -H "Authorization: Bearer $AGENT_TOKEN" -H "Content-Type: application/json" \\',
-        """    -d '{"args": {"message": "hi"}}'""",
-        "  broker audit tail",
-        "",
-    ])
+    applied = [
+        f"{s.capabilities_dir}/ ({info.manifests} manifests)" if s.capabilities_dir else "",
+        f"{s.policies_dir}/policy.csv" if s.policies_dir else "",
+    ]
+    return "\n".join(
+        [
+            "",
+            "capbroker dev server is running (Ctrl-C to stop)",
+            "",
+            f"  broker    {url}   data in {s.data_dir}/ ({s.resolved_database_url()})",
+            f"  OpenBao   {info.vault_addr}   in-memory dev server; example secrets rewritten",
+            f"  upstream  {info.upstream_url or '(not running)'}   demo upstream for demo.*",
+            f"  applied   {', '.join(a for a in applied if a) or 'nothing'}",
+            "",
+            f"Admin token (also in {s.data_dir / ADMIN_TOKEN_FILE}): {info.admin_token}",
+            "",
+            "In another terminal:",
+            "",
+            f"  export BROKER_URL={url} BROKER_TOKEN={info.admin_token}",
+            f"  export BAO_ADDR={info.vault_addr} BAO_TOKEN={info.vault_token}"
+            "   # optional, for: bao kv put secret/github token=...",
+            "",
+            "Try it (create an agent, grant a role, invoke a demo capability with curl):",
+            "",
+            f"  AGENT_TOKEN=$(broker agent create {agent} --quiet)",
+            f"  broker role grant {agent} reader",
+            '  curl -s -X POST "$BROKER_URL/v1/capabilities/demo.echo/invoke" \\',
+            '    -H "Authorization: Bearer $AGENT_TOKEN" -H "Content-Type: application/json" \\',
+            """    -d '{"args": {"message": "hi"}}'""",
+            "  broker audit tail",
+            "",
+        ]
+    )
 
 
 # --- the tour ------------------------------------------------------------------------------
@@ -445,8 +494,9 @@ def _demo_stack(say: Say) -> Iterator[tuple[str, str, str, str]]:
         yield server.url, admin_token, upstream.url, secret
 
 
-def _broker_server(data_dir: Path, vault_addr: str, vault_token: str,
-                   admin_token: str) -> ServerThread:
+def _broker_server(
+    data_dir: Path, vault_addr: str, vault_token: str, admin_token: str
+) -> ServerThread:
     from broker.api import create_app
     from broker.bootstrap import build_broker
     from broker.config import Settings
@@ -468,20 +518,36 @@ def _broker_server(data_dir: Path, vault_addr: str, vault_token: str,
 def demo_manifests(upstream_url: str) -> list[dict[str, Any]]:
     """Two capabilities on the demo upstream; the demo role covers only the first."""
     echo = {
-        "name": "demo.echo", "version": 1, "effect": "read",
+        "name": "demo.echo",
+        "version": 1,
+        "effect": "read",
         "description": "Send a message to the demo upstream, which echoes the request back.",
-        "input": {"type": "object", "required": ["message"], "additionalProperties": False,
-                  "properties": {"message": {"type": "string", "maxLength": 1000}}},
+        "input": {
+            "type": "object",
+            "required": ["message"],
+            "additionalProperties": False,
+            "properties": {"message": {"type": "string", "maxLength": 1000}},
+        },
         "secrets": {"token": {"path": "demo/upstream", "key": "token"}},
-        "http": {"method": "POST", "url": f"{upstream_url}/echo",
-                 "headers": {"Authorization": "Bearer {secrets.token}"},
-                 "json": {"message": "{args.message}"}, "timeout": "5s"},
+        "http": {
+            "method": "POST",
+            "url": f"{upstream_url}/echo",
+            "headers": {"Authorization": "Bearer {secrets.token}"},
+            "json": {"message": "{args.message}"},
+            "timeout": "5s",
+        },
     }
     weather = {
-        "name": "demo.weather", "version": 1, "effect": "read",
+        "name": "demo.weather",
+        "version": 1,
+        "effect": "read",
         "description": "Today's weather for a city (fixed demo data).",
-        "input": {"type": "object", "required": ["city"], "additionalProperties": False,
-                  "properties": {"city": {"type": "string", "maxLength": 64}}},
+        "input": {
+            "type": "object",
+            "required": ["city"],
+            "additionalProperties": False,
+            "properties": {"city": {"type": "string", "maxLength": 64}},
+        },
         "http": {"method": "GET", "url": f"{upstream_url}/weather?city={{args.city}}"},
         "result": {"fields": ["city", "temperature_c", "conditions"]},
     }
@@ -492,8 +558,10 @@ def _register(say: Say, admin: BrokerClient, upstream_url: str) -> None:
     say("[4/9] registered capabilities:")
     for manifest in demo_manifests(upstream_url):
         cap = admin.put_capability(manifest)
-        say(f"      {cap['name']} v{cap['version']}: "
-            f"{manifest['http']['method']} {manifest['http']['url']}")
+        say(
+            f"      {cap['name']} v{cap['version']}: "
+            f"{manifest['http']['method']} {manifest['http']['url']}"
+        )
     say("      (demo.echo sends secret/demo/upstream as `Authorization: Bearer {secrets.token}`)")
 
 
@@ -502,8 +570,10 @@ def _enroll(say: Say, admin: BrokerClient) -> str:
     say(f"[5/9] policy {rule['id']}: role:{DEMO_ROLE} may invoke demo.echo (and nothing else)")
     created = admin.create_agent(DEMO_AGENT)
     agent = admin.grant_role(created["id"], DEMO_ROLE)
-    say(f"      created agent {created['id']} (token {created['token_id']}); "
-        f"roles: {', '.join(agent['roles'])}")
+    say(
+        f"      created agent {created['id']} (token {created['token_id']}); "
+        f"roles: {', '.join(agent['roles'])}"
+    )
     token: str = created["token"]
     return token
 
@@ -512,14 +582,18 @@ def _allowed_call(say: Say, agent: BrokerClient, secret: str) -> None:
     args = {"message": "hello from the demo"}
     say(f"\n[6/9] allowed call: demo.echo {json.dumps(args)}")
     out = agent.invoke("demo.echo", args)
-    say(f"      -> {out['status']}, upstream status {out['upstream_status']}, "
-        f"call_id {out['call_id']}")
+    say(
+        f"      -> {out['status']}, upstream status {out['upstream_status']}, "
+        f"call_id {out['call_id']}"
+    )
     say("      result (what the agent gets back):")
     say("\n".join("        " + line for line in json.dumps(out["result"], indent=2).splitlines()))
     if secret in json.dumps(out):
         raise DemoError("the secret value came back in the answer")
-    say("      the upstream received the real token; in the answer the echoed Authorization\n"
-        "      header is redacted and the secret value appears nowhere")
+    say(
+        "      the upstream received the real token; in the answer the echoed Authorization\n"
+        "      header is redacted and the secret value appears nowhere"
+    )
 
 
 def _refused_calls(say: Say, agent: BrokerClient) -> None:
@@ -544,8 +618,12 @@ def _show_audit(say: Say, admin: BrokerClient, audit_table: AuditTable) -> None:
     try:
         verdict = admin.request("GET", "/v1/audit/verify")
     except NotFound:
-        say("\naudit verify: not available in this broker yet (GET /v1/audit/verify arrives "
-            "with a later issue)")
+        say(
+            "\naudit verify: not available in this broker yet (GET /v1/audit/verify arrives "
+            "with a later issue)"
+        )
         return
-    say(f"\naudit verify: ok={verdict.get('ok')}, checked {verdict.get('checked')} records, "
-        f"first bad seq: {verdict.get('first_bad_seq')}")
+    say(
+        f"\naudit verify: ok={verdict.get('ok')}, checked {verdict.get('checked')} records, "
+        f"first bad seq: {verdict.get('first_bad_seq')}"
+    )

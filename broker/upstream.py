@@ -311,12 +311,21 @@ _TRANSLATIONS: tuple[tuple[tuple[type[BaseException], ...], type[BrokerError], s
     ((aiohttp.ClientConnectorDNSError,), UpstreamError, "could not resolve upstream host {host}"),
     ((aiohttp.ClientConnectorError,), UpstreamError, "could not connect to upstream {host}"),
     ((aiohttp.ServerDisconnectedError,), UpstreamError, "upstream {host} closed the connection"),
-    ((aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError), UpstreamError,
-     "the URL for upstream {host} is not valid"),
-    ((aiohttp.ClientPayloadError, aiohttp.ClientResponseError), UpstreamError,
-     "upstream {host} sent an invalid response"),
-    ((aiohttp.ClientConnectionError, OSError), UpstreamError,
-     "the connection to upstream {host} failed"),
+    (
+        (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError),
+        UpstreamError,
+        "the URL for upstream {host} is not valid",
+    ),
+    (
+        (aiohttp.ClientPayloadError, aiohttp.ClientResponseError),
+        UpstreamError,
+        "upstream {host} sent an invalid response",
+    ),
+    (
+        (aiohttp.ClientConnectionError, OSError),
+        UpstreamError,
+        "the connection to upstream {host} failed",
+    ),
     ((aiohttp.ClientError,), UpstreamError, "the call to upstream {host} failed"),
 )
 
