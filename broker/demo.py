@@ -35,7 +35,7 @@ import uvicorn
 from pydantic import SecretStr
 
 from broker.client import BrokerClient
-from broker.errors import BrokerError, NotFound
+from broker.errors import BrokerError
 
 if TYPE_CHECKING:
     from broker.config import Settings
@@ -615,15 +615,10 @@ def _show_audit(say: Say, admin: BrokerClient, audit_table: AuditTable) -> None:
     events: list[dict[str, Any]] = admin.audit(limit=1000)["events"]
     say(f"\n[8/9] the audit log ({len(events)} records):")
     say(audit_table(events))
-    try:
-        verdict = admin.request("GET", "/v1/audit/verify")
-    except NotFound:
-        say(
-            "\naudit verify: not available in this broker yet (GET /v1/audit/verify arrives "
-            "with a later issue)"
-        )
-        return
+    verdict = admin.verify_audit()
+    if not verdict["ok"]:
+        raise DemoError(f"the audit log does not verify: {verdict}")
     say(
-        f"\naudit verify: ok={verdict.get('ok')}, checked {verdict.get('checked')} records, "
-        f"first bad seq: {verdict.get('first_bad_seq')}"
+        f"\naudit verify: ok, {verdict['checked']} records chained and "
+        f"{sum(c['checkpoints'] for c in verdict['chains'])} signed checkpoint(s) checked"
     )
