@@ -590,11 +590,13 @@ def audit_tail(client: BrokerClient, follow: bool, lines: int, interval: float) 
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Trust only this PEM public key for checkpoints (with --file; repeatable).",
 )
-@click.pass_context
-def audit_verify(ctx: click.Context, path: Path | None, keys: tuple[Path, ...]) -> None:
+@click.option("--token", envvar="BROKER_TOKEN", help="Broker token (without --file).")
+@click.option("--url", envvar="BROKER_URL", default=DEFAULT_URL, show_default=True)
+def audit_verify(path: Path | None, keys: tuple[Path, ...], url: str, token: str | None) -> None:
     """Check the hash chain and the signed checkpoints; exit 1 if anything is wrong."""
     if path is None:
-        ctx.invoke(_verify_online)
+        with BrokerClient(url, token or None) as client:
+            _print_verify(client.verify_audit())
         return
     from broker.chain import key_id, verify_export
 
@@ -606,12 +608,6 @@ def audit_verify(ctx: click.Context, path: Path | None, keys: tuple[Path, ...]) 
             "note: trusting the public key inside the file (pin one with --public-key)", err=True
         )
     _print_verify(report)
-
-
-@click.command()
-@uses_client
-def _verify_online(client: BrokerClient) -> None:
-    _print_verify(client.verify_audit())
 
 
 def _print_verify(report: dict[str, Any]) -> None:

@@ -336,3 +336,18 @@ def test_hung_audit_store_is_503_within_the_timeout_and_not_ready(
     finally:
         engine.dispose()
         rb.close()
+
+
+def test_cli_verify_online_and_hash(
+    running_broker: RunningBroker, upstream: RunningUpstream
+) -> None:
+    rb = running_broker
+    make_history(rb, upstream, calls=2)
+    env = {"BROKER_URL": rb.url, "BROKER_TOKEN": rb.admin_token}
+    ok = CliRunner().invoke(cli, ["audit", "verify"], env=env)
+    assert ok.exit_code == 0 and "ok:" in ok.output, ok.output
+    hashed = CliRunner().invoke(cli, ["audit", "hash", "some value"], env=env)
+    assert hashed.exit_code == 0 and hashed.output.startswith("hmac-sha256:")
+    sql(rb.settings.resolved_database_url(), "UPDATE audit_events SET kind = 'x' WHERE seq = 3")
+    bad = CliRunner().invoke(cli, ["audit", "verify"], env=env)
+    assert bad.exit_code == 1 and "first bad seq 3" in bad.output
