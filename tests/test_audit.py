@@ -351,3 +351,80 @@ def test_cli_verify_online_and_hash(
     sql(rb.settings.resolved_database_url(), "UPDATE audit_events SET kind = 'x' WHERE seq = 3")
     bad = CliRunner().invoke(cli, ["audit", "verify"], env=env)
     assert bad.exit_code == 1 and "first bad seq 3" in bad.output
+
+
+class TcpProxy:
+    """A loopback TCP relay to PostgreSQL that the test can cut, as a network or a crash would."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        import socket
+
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.conns: list[Any] = []
+        self.open = True
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while self.open:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.open:
+                client.close()
+                return
+            upstream = socket.create_connection(self.target)
+            self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: Any, b: Any) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+
+    def cut(self) -> None:
+        import socket
+
+        self.open = False
+        self.listener.close()
+        for c in self.conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+
+
+@pytest.mark.postgres
+def test_database_down_mid_run_is_503_and_nothing_executed(
+    openbao: DevVault, tmp_path: Path, upstream: RunningUpstream
+) -> None:
+    from tests.support.brokers import POSTGRES_URL, reset_postgres
+
+    if not POSTGRES_URL:
+        pytest.skip("BROKER_TEST_POSTGRES_URL is not set")
+    reset_postgres(POSTGRES_URL)
+    url = sa.engine.make_url(POSTGRES_URL)
+    proxy = TcpProxy((url.host or "127.0.0.1", url.port or 5432))
+    via_proxy = url.set(port=proxy.port).render_as_string(hide_password=False)
+    rb = start_broker(openbao, via_proxy, tmp_path / "data", audit_timeout=2.0)
+    try:
+        make_history(rb, upstream, calls=1)
+        token = rb.agent("dan", ["tester"])
+        before = len(upstream.requests)
+        proxy.cut()
+        r = invoke(rb, token, {"message": "m"})
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] in ("audit_unavailable", "storage_unavailable")
+        assert len(upstream.requests) == before
+        assert rb.http().get("/readyz").status_code == 503
+    finally:
+        rb.close()
