@@ -249,15 +249,17 @@ class SqlAuditLog:
         seq, prev, rows = head.seq, head.hash, []
         for item in batch:
             seq += 1
-            row = {**item.record, "seq": seq, "prev_hash": prev}
-            row["hash"] = prev = chain.record_hash(row)
-            rows.append(row)
+            values = [item.record.get(k) for k in chain.HASHED_FIELDS]
+            values[chain.SEQ], values[chain.PREV_HASH] = seq, prev
+            prev = chain.values_hash(values)
+            values.append(prev)  # _STORED is HASHED_FIELDS + hash
+            rows.append(values)
         try:
             with self._engine.begin() as conn:
                 for start in range(0, len(rows), _ROWS_PER_INSERT):
                     chunk = rows[start : start + _ROWS_PER_INSERT]
-                    values = [row[c] for row in chunk for c in _STORED]
-                    conn.exec_driver_sql(self._insert_sql(conn, len(chunk)), tuple(values))
+                    flat = tuple(v for values in chunk for v in values)
+                    conn.exec_driver_sql(self._insert_sql(conn, len(chunk)), flat)
         except Exception as exc:  # any failure: nothing of the batch is durable
             log.error("audit write failed (%s); %d records refused", type(exc).__name__, len(rows))
             self._healthy = False
@@ -265,11 +267,14 @@ class SqlAuditLog:
             _resolve(batch, [None] * len(batch))
             return
         self._healthy = True
+        first = head.seq + 1
         head.seq, head.hash = seq, prev
-        _resolve(batch, [row["seq"] for row in rows])
-        for item, row in zip(batch, rows, strict=True):
-            if item.gave_up and row["kind"] == "call.started":
-                self._queue.put(_Item(_abandoned(row), None, None))
+        _resolve(batch, list(range(first, seq + 1)))
+        for item, values in zip(batch, rows, strict=True):
+            if item.gave_up and item.record["kind"] == "call.started":
+                self._queue.put(
+                    _Item(_abandoned(dict(zip(_STORED, values, strict=True))), None, None)
+                )
 
     def _insert_sql(self, conn: Any, n: int) -> str:
         """One multi-row INSERT: one statement per chunk keeps the database driver from

@@ -47,9 +47,17 @@ def canonical(value: Any) -> str:
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
 
+SEQ, PREV_HASH = HASHED_FIELDS.index("seq"), HASHED_FIELDS.index("prev_hash")
+
+
 def record_hash(record: Mapping[str, Any]) -> str:
-    body = _encode([record.get(k) for k in HASHED_FIELDS])
-    return hashlib.sha256(f"{record['prev_hash']}\n{body}".encode()).hexdigest()
+    return values_hash([record.get(k) for k in HASHED_FIELDS])
+
+
+def values_hash(values: Sequence[Any]) -> str:
+    """The hash of a record given as its values in ``HASHED_FIELDS`` order."""
+    body = _encode(values)
+    return hashlib.sha256(f"{values[PREV_HASH]}\n{body}".encode()).hexdigest()
 
 
 # -- keys and signatures -----------------------------------------------------------------------
