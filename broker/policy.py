@@ -13,12 +13,15 @@ a rule applies when its action equals the request's, its object matches, its sub
 requester or one of its roles, and its condition (``broker.conditions``) is true. Default deny;
 any applying deny beats every applying allow.
 
-Decisions do not run casbin. ``load()`` compiles the rules into an index (per action and
-subject: exact names in a dict, globs grouped by their literal prefix) and the grants into
-each subject's transitive roles, all in one immutable snapshot swapped in by a single
-reference assignment; decisions read the reference once, so one decision sees one whole policy,
-and a decision that starts after ``load()`` returned sees the new one. Each snapshot carries a
-bounded cache of decisions (and of the candidate rules of conditional ones), dropped with it.
+Decisions do not run casbin. ``load()`` compiles the grants into each subject's transitive
+roles and the rules into an index: per action and subject, a bucket of exact names (a dict)
+and globs grouped by their literal prefix, plus, per subject holding roles, one bucket merging
+its own rules and those of all its roles (shared by subjects holding the same roles), so a
+decision reads one bucket. All of it is one immutable snapshot swapped in by a single reference
+assignment; decisions read the reference once, so one decision sees one whole policy, and a
+decision that starts after ``load()`` returned sees the new one. Each snapshot carries a
+bounded cache of decisions (and of the candidate rules of conditional ones), dropped with it;
+only subjects the policy knows are cached, so unknown agents cannot grow memory.
 A real casbin enforcer for the same rules, with conditions as a custom matcher function, is
 built on first use and answers ``oracle_decide``: the tests hold the fast path to it.
 
@@ -290,9 +293,12 @@ def raise_for_lint(issues: Iterable[LintIssue]) -> None:
 
 
 def _waived(rule: Rule, allow_wildcard: bool | Collection[str]) -> bool:
+    if getattr(rule, "allow_wildcard", False):  # a flag on the rule itself, once Rule has one
+        return True
     if isinstance(allow_wildcard, bool):
-        return allow_wildcard or bool(getattr(rule, "allow_wildcard", False))
-    return rule.id in allow_wildcard or bool(getattr(rule, "allow_wildcard", False))
+        return allow_wildcard
+    ids = {allow_wildcard} if isinstance(allow_wildcard, str) else allow_wildcard
+    return rule.id in ids
 
 
 def _lint_rule(
@@ -511,13 +517,19 @@ _Matcher = Callable[[str], object] | None  # None: the literal prefix alone deci
 
 
 class _Bucket:
-    """The rules of one (action, subject): exact names, and globs by their literal prefix."""
+    """The rules of one (action, subject): exact names, and globs by their literal prefix.
 
-    __slots__ = ("exact", "globs", "lengths")
+    Globs whose literal prefix is empty or ends at a dot (``github.*``, ``*.create``) are
+    found by looking up the object's prefixes at its dots; the others by each distinct
+    prefix length. Either way a handful of dict lookups, however many rules there are.
+    """
+
+    __slots__ = ("dotted", "exact", "lengths", "other")
 
     def __init__(self) -> None:
         self.exact: dict[str, list[_Entry]] = {}
-        self.globs: dict[str, list[tuple[_Matcher, _Entry]]] = {}
+        self.dotted: dict[str, list[tuple[_Matcher, _Entry]]] = {}
+        self.other: dict[str, list[tuple[_Matcher, _Entry]]] = {}
         self.lengths: tuple[int, ...] = ()
 
     def add(self, entry: _Entry) -> None:
@@ -529,10 +541,32 @@ class _Bucket:
         match: _Matcher = None  # `github.*`: any name with the prefix matches
         if pattern != prefix + "*":
             match = re.compile(fnmatch.translate(pattern)).match  # what fnmatchcase runs
-        self.globs.setdefault(prefix, []).append((match, entry))
+        groups = self.dotted if not prefix or prefix.endswith(".") else self.other
+        groups.setdefault(prefix, []).append((match, entry))
 
     def freeze(self) -> None:
-        self.lengths = tuple(sorted({len(prefix) for prefix in self.globs}))
+        self.lengths = tuple(sorted({len(prefix) for prefix in self.other}))
+
+    def collect(self, obj: str, found: list[_Entry]) -> None:
+        """Append the rules matching obj (exact and glob) to found. The hot loop."""
+        exact = self.exact.get(obj)
+        if exact:
+            found += exact
+        if self.dotted:
+            end = 0
+            while True:
+                group = self.dotted.get(obj[:end])
+                if group:
+                    _matching(group, obj, found)
+                end = obj.find(".", end) + 1
+                if not end:
+                    break
+        for length in self.lengths:
+            if length > len(obj):
+                break
+            group = self.other.get(obj[:length])
+            if group:
+                _matching(group, obj, found)
 
     @classmethod
     def merge(cls, buckets: Iterable[_Bucket]) -> _Bucket:
@@ -541,10 +575,21 @@ class _Bucket:
         for bucket in buckets:
             for name, entries in bucket.exact.items():
                 out.exact.setdefault(name, []).extend(entries)
-            for prefix, globs in bucket.globs.items():
-                out.globs.setdefault(prefix, []).extend(globs)
+            for mine, theirs in ((out.dotted, bucket.dotted), (out.other, bucket.other)):
+                for prefix, globs in theirs.items():
+                    mine.setdefault(prefix, []).extend(globs)
         out.freeze()
         return out
+
+    def size(self) -> int:
+        globs = [*self.dotted.values(), *self.other.values()]
+        return sum(len(entries) for entries in self.exact.values()) + sum(len(g) for g in globs)
+
+
+def _matching(group: list[tuple[_Matcher, _Entry]], obj: str, found: list[_Entry]) -> None:
+    for match, entry in group:
+        if match is None or match(obj):
+            found.append(entry)
 
 
 def _index(entries: Iterable[_Entry]) -> dict[str, dict[str, _Bucket]]:
@@ -559,22 +604,31 @@ def _index(entries: Iterable[_Entry]) -> dict[str, dict[str, _Bucket]]:
     return index
 
 
-def _views(own: dict[str, _Bucket], subjects: Mapping[str, tuple[str, ...]]) -> dict[str, _Bucket]:
-    """subject -> one bucket with the rules of the subject and of every role it holds.
+_MERGE_BUDGET = 400_000  # rule references that merged buckets may hold, per action
 
-    A decision then reads one bucket however many roles the subject holds. Subjects holding
-    the same rule-bearing roles share one merged bucket.
+
+def _views(
+    own: dict[str, _Bucket], subjects: Mapping[str, tuple[str, ...]]
+) -> dict[str, tuple[_Bucket, ...]]:
+    """subject -> the buckets to read: one merging its own rules and those of all its roles.
+
+    A decision then reads one bucket however many roles the subject holds; subjects holding
+    the same rule-bearing roles (and no rules of their own) share the merged bucket. Past a
+    budget (pathological sizes) the buckets are listed instead of merged.
     """
-    views = dict(own)  # a subject that holds no role: its own rules
+    views: dict[str, tuple[_Bucket, ...]] = {s: (bucket,) for s, bucket in own.items()}
     merged: dict[tuple[str, ...], _Bucket] = {}
+    budget = _MERGE_BUDGET
     for subject, held in subjects.items():
         key = tuple(name for name in held if name in own)
-        if len(key) == 1:
-            views[subject] = own[key[0]]
-        elif key:
-            if key not in merged:
-                merged[key] = _Bucket.merge([own[name] for name in key])
-            views[subject] = merged[key]
+        if len(key) < 2:
+            if key:
+                views[subject] = (own[key[0]],)
+            continue
+        if key not in merged and budget > 0:
+            merged[key] = _Bucket.merge([own[name] for name in key])
+            budget -= merged[key].size()
+        views[subject] = (merged[key],) if key in merged else tuple(own[n] for n in key)
     return views
 
 
@@ -611,7 +665,7 @@ class _Snapshot:
         self.roles = _role_closure(self.grants)
         self.subjects = {s: tuple(dict.fromkeys((s, *roles))) for s, roles in self.roles.items()}
         index = _index(self.entries)
-        # action -> subject -> one bucket holding the rules of the subject and all its roles
+        # action -> subject -> the buckets holding the rules of the subject and all its roles
         self.views = {action: _views(own, self.subjects) for action, own in index.items()}
         # Only subjects the policy knows are cached: unknown agents cannot crowd the cache.
         self.known = frozenset(self.subjects).union(*index.values())
@@ -624,21 +678,11 @@ class _Snapshot:
         """Every rule whose action, object and subject match, in load order (no conditions)."""
         found: list[_Entry] = []
         view = self.views.get(action)
-        bucket = None if view is None else view.get(subject)
-        if bucket is None:
+        buckets = None if view is None else view.get(subject)
+        if buckets is None:
             return found
-        exact = bucket.exact.get(obj)
-        if exact:
-            found += exact
-        size = len(obj)
-        for length in bucket.lengths:  # the hot loop: kept flat on purpose
-            if length > size:
-                break
-            group = bucket.globs.get(obj[:length])
-            if group:
-                for match, entry in group:
-                    if match is None or match(obj):
-                        found.append(entry)
+        for bucket in buckets:
+            bucket.collect(obj, found)
         if len(found) > 1:
             found.sort(key=_ORDER)
         return found
