@@ -64,7 +64,7 @@ def upgrade() -> None:
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
         sa.Column("chain_id", sa.String(64), nullable=False),
         sa.Column("seq", sa.Integer, nullable=False),
-        sa.Column("event_id", sa.String(64), nullable=False, unique=True),
+        sa.Column("event_id", sa.String(64), nullable=False),
         sa.Column("call_id", sa.String(64), nullable=True, index=True),
         sa.Column("time", sa.String(32), nullable=False, index=True),
         sa.Column("kind", sa.String(64), nullable=False, index=True),
