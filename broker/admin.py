@@ -14,7 +14,8 @@ from typing import Any
 from broker import errors
 from broker.capabilities import Capability, parse_manifest
 from broker.errors import BrokerError
-from broker.ports import AgentRecord, AuditEvent, AuditQuery, Decision, Principal, Rule
+from broker.ports import AgentRecord, AuditEvent, AuditQuery, Principal, Rule
+from broker.review import PolicyReview, rule_dict
 from broker.service import Broker
 
 RESERVED_AGENT_IDS = {"admin"}  # owned by BROKER_BOOTSTRAP_ADMIN_TOKEN
@@ -24,6 +25,7 @@ class Admin:
     def __init__(self, broker: Broker) -> None:
         self.b = broker
         self.tools = broker.policy
+        self.policies = PolicyReview(self)
         self._reload_lock = asyncio.Lock()
 
     # -- shared -----------------------------------------------------------------------------
@@ -61,7 +63,7 @@ class Admin:
             raise denied
         return who
 
-    async def _audit(self, who: Principal | None, kind: str, **detail: Any) -> None:
+    async def record(self, who: Principal | None, kind: str, **detail: Any) -> None:
         event = AuditEvent(
             kind=kind,
             agent_id=who.agent_id if who else None,
@@ -79,7 +81,7 @@ class Admin:
             grants = await self.b.directory.grants()
             self.b.policy.load(rules, grants)
 
-    async def _all_rules(self) -> list[Rule]:
+    async def all_rules(self) -> list[Rule]:
         """Built-in rules first; a stored rule that only repeats a built-in one is not listed."""
         builtin = self.tools.builtin_rules()
         seen = {(r.subject, r.object, r.action, r.effect, r.condition) for r in builtin}
@@ -103,7 +105,7 @@ class Admin:
 
     async def apply_capability(self, who: Principal | None, cap: Capability) -> Capability:
         stored = await self.b.registry.put(cap)
-        await self._audit(
+        await self.record(
             who, "admin.capability.put", capability=stored.name, version=stored.version
         )
         return stored
@@ -125,13 +127,16 @@ class Admin:
         return [c.public_view() for c in caps if self._may_invoke(who, c.name)]
 
     def _may_invoke(self, who: Principal, name: str) -> bool:
-        return self.b.policy.decide(who.subject, name, "invoke").allowed
+        """Listed if some call could be allowed: an allow whose condition depends on the
+        call's arguments counts (the call itself is decided with its arguments)."""
+        d = self.b.policy.decide(who.subject, name, "invoke", agent=who.as_subject_data())
+        return d.allowed or d.reason == "condition not met"
 
     async def delete_capability(self, token: str | None, name: str) -> None:
         who = await self.authorize(token, "capabilities.write", name)
         if not await self.b.registry.delete(name):
             raise errors.CapabilityNotFound(f"no capability named {name!r}")
-        await self._audit(who, "admin.capability.delete", capability=name)
+        await self.record(who, "admin.capability.delete", capability=name)
 
     # -- agents and tokens ------------------------------------------------------------------
 
@@ -149,7 +154,7 @@ class Admin:
             await self.b.directory.grant(f"agent:{name}", f"role:{role}")
         if roles:
             await self.reload_policy()
-        await self._audit(
+        await self.record(
             who, "admin.agent.create", agent=name, roles=list(roles), token_id=token_id
         )
         record = await self.b.directory.get_agent(name)
@@ -174,21 +179,21 @@ class Admin:
         who = await self.authorize(token, "agents.write")
         await self._agent(agent_id)
         token_id, secret = await self.b.directory.issue_token(agent_id)
-        await self._audit(who, "admin.token.create", agent=agent_id, token_id=token_id)
+        await self.record(who, "admin.token.create", agent=agent_id, token_id=token_id)
         return token_id, secret
 
     async def revoke_token(self, token: str | None, agent_id: str, token_id: str) -> None:
         who = await self.authorize(token, "agents.write")
         if not await self.b.directory.revoke_token(agent_id, token_id):
             raise errors.NotFound(f"no live token {token_id!r} for agent {agent_id!r}")
-        await self._audit(who, "admin.token.revoke", agent=agent_id, token_id=token_id)
+        await self.record(who, "admin.token.revoke", agent=agent_id, token_id=token_id)
 
     async def disable_agent(self, token: str | None, agent_id: str) -> AgentRecord:
         who = await self.authorize(token, "agents.write")
         await self._agent(agent_id)
         await self.b.directory.set_disabled(agent_id, True)
         revoked = await self.b.directory.revoke_all_tokens(agent_id)
-        await self._audit(who, "admin.agent.disable", agent=agent_id, tokens_revoked=revoked)
+        await self.record(who, "admin.agent.disable", agent=agent_id, tokens_revoked=revoked)
         return await self._agent(agent_id)
 
     # -- roles ------------------------------------------------------------------------------
@@ -198,7 +203,7 @@ class Admin:
         await self._agent(agent_id)
         await self.b.directory.grant(f"agent:{agent_id}", f"role:{role}")
         await self.reload_policy()
-        await self._audit(who, "admin.role.grant", agent=agent_id, role=role)
+        await self.record(who, "admin.role.grant", agent=agent_id, role=role)
         return await self._agent(agent_id)
 
     async def revoke_role(self, token: str | None, agent_id: str, role: str) -> AgentRecord:
@@ -206,12 +211,12 @@ class Admin:
         if not await self.b.directory.revoke(f"agent:{agent_id}", f"role:{role}"):
             raise errors.NotFound(f"agent {agent_id!r} does not hold role {role!r}")
         await self.reload_policy()
-        await self._audit(who, "admin.role.revoke", agent=agent_id, role=role)
+        await self.record(who, "admin.role.revoke", agent=agent_id, role=role)
         return await self._agent(agent_id)
 
     async def list_roles(self, token: str | None) -> list[dict[str, Any]]:
         await self.authorize(token, "agents.write")
-        rules = await self._all_rules()
+        rules = await self.all_rules()
         grants = await self.b.directory.grants()
         names = {r.subject for r in rules if r.subject.startswith("role:")}
         names |= {g.role for g in grants}
@@ -219,45 +224,10 @@ class Admin:
             {
                 "name": n.removeprefix("role:"),
                 "members": sorted(g.subject for g in grants if g.role == n),
-                "rules": [_rule_dict(r) for r in rules if r.subject == n],
+                "rules": [rule_dict(r) for r in rules if r.subject == n],
             }
             for n in sorted(names)
         ]
-
-    # -- policies ---------------------------------------------------------------------------
-
-    async def list_policies(self, token: str | None) -> list[dict[str, Any]]:
-        await self.authorize(token, "policies.write")
-        rules = await self._all_rules()
-        return [_rule_dict(r) for r in rules]
-
-    async def add_policy(self, token: str | None, data: Mapping[str, Any]) -> dict[str, Any]:
-        who = await self.authorize(token, "policies.write")
-        rule = self.tools.make_rule(
-            data["subject"], data["object"], data["action"], data["effect"], data.get("condition")
-        )
-        await self.apply_rule(who, rule)
-        return _rule_dict(rule)
-
-    async def apply_rule(self, who: Principal | None, rule: Rule) -> None:
-        await self.b.rulebook.add(rule)
-        await self.reload_policy()
-        await self._audit(who, "admin.policy.add", rule=_rule_dict(rule))
-
-    async def delete_policy(self, token: str | None, rule_id: str) -> None:
-        who = await self.authorize(token, "policies.write")
-        if not await self.b.rulebook.delete(rule_id):
-            raise errors.NotFound(f"no policy rule {rule_id!r} (built-in rules cannot be deleted)")
-        await self.reload_policy()
-        await self._audit(who, "admin.policy.delete", rule_id=rule_id)
-
-    async def check_policy(
-        self, token: str | None, subject: str | None, agent: str | None, obj: str, action: str
-    ) -> Decision:
-        await self.authorize(token, "policies.write")
-        if (subject is None) == (agent is None):
-            raise errors.InvalidRequest("give exactly one of subject or agent")
-        return self.b.policy.decide(subject or f"agent:{agent}", obj, action)
 
     # -- audit ------------------------------------------------------------------------------
 
@@ -270,7 +240,7 @@ class Admin:
     async def verify_audit(self, token: str | None) -> dict[str, Any]:
         who = await self.authorize(token, "audit.read")
         report = await self.b.audit.verify()
-        await self._audit(
+        await self.record(
             who,
             "admin.audit.verify",
             ok=report["ok"],
@@ -281,7 +251,7 @@ class Admin:
 
     async def export_audit(self, token: str | None) -> Iterator[dict[str, Any]]:
         who = await self.authorize(token, "audit.read")
-        await self._audit(who, "admin.audit.export")
+        await self.record(who, "admin.audit.export")
         return self.b.audit.export()
 
     async def hash_value(self, token: str | None, value: Any) -> list[str]:
@@ -291,17 +261,5 @@ class Admin:
     async def rotate_hmac_key(self, token: str | None) -> str:
         who = await self.authorize(token, "audit.read")
         key_id = self.b.audit.rotate_hmac_key()
-        await self._audit(who, "admin.audit.rotate_hmac_key", key_id=key_id)
+        await self.record(who, "admin.audit.rotate_hmac_key", key_id=key_id)
         return key_id
-
-
-def _rule_dict(rule: Rule) -> dict[str, Any]:
-    return {
-        "id": rule.id,
-        "subject": rule.subject,
-        "object": rule.object,
-        "action": rule.action,
-        "effect": rule.effect,
-        "condition": rule.condition,
-        "source": rule.source,
-    }

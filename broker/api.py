@@ -327,26 +327,37 @@ def _agent_routes(app: FastAPI, broker: Broker) -> None:
 
 
 def _policy_routes(app: FastAPI, broker: Broker) -> None:
-    admin = broker.admin
+    policies = broker.admin.policies
 
     @app.get("/v1/policies", tags=["policies"], response_model=models.PolicyList)
     async def list_policies(authorization: Token = None) -> Any:
-        return {"policies": await admin.list_policies(bearer(authorization))}
+        return {"policies": await policies.rules(bearer(authorization))}
 
     @app.post("/v1/policies", tags=["policies"], status_code=201, response_model=models.PolicyRule)
     async def add_policy(body: models.PolicyIn, authorization: Token = None) -> Any:
-        return await admin.add_policy(bearer(authorization), body.model_dump())
+        data = body.model_dump(exclude={"allow_wildcard"})
+        return await policies.add(bearer(authorization), data, allow_wildcard=body.allow_wildcard)
 
     @app.delete("/v1/policies/{rule_id}", tags=["policies"], status_code=204)
     async def delete_policy(rule_id: str, authorization: Token = None) -> None:
-        await admin.delete_policy(bearer(authorization), rule_id)
+        await policies.delete(bearer(authorization), rule_id)
 
     @app.post("/v1/policies/check", tags=["policies"], response_model=models.PolicyCheckOut)
     async def check_policy(body: models.PolicyCheckIn, authorization: Token = None) -> Any:
-        d = await admin.check_policy(
-            bearer(authorization), body.subject, body.agent, body.object, body.action
-        )
-        return {"allowed": d.allowed, "rule": d.rule, "reason": d.reason}
+        return await policies.check(
+            bearer(authorization), subject=body.subject, agent=body.agent, obj=body.object,
+            action=body.action, args=body.args,
+        )  # fmt: skip
+
+    @app.post("/v1/policies/apply", tags=["policies"], response_model=models.PolicyDiff)
+    async def apply_policy(body: models.PolicyApplyIn, authorization: Token = None) -> Any:
+        return await policies.apply(bearer(authorization), body.policy, dry_run=body.dry_run,
+                                    allow_wildcard=body.allow_wildcard)  # fmt: skip
+
+    @app.post("/v1/policies/replay", tags=["policies"], response_model=models.PolicyReplay)
+    async def replay_policy(body: models.PolicyReplayIn, authorization: Token = None) -> Any:
+        return await policies.replay(bearer(authorization), body.policy, since=body.since,
+                                     until=body.until)  # fmt: skip
 
 
 def _audit_routes(app: FastAPI, broker: Broker) -> None:

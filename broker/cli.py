@@ -432,13 +432,23 @@ def policy() -> None:
 @click.argument("object_")
 @click.option("--action", default="invoke", show_default=True)
 @click.option("--effect", type=click.Choice(["allow", "deny"]), default="allow", show_default=True)
+@click.option("--condition", help="Narrow the rule, e.g. 'args.owner == \"acme\"'.")
+@click.option("--allow-wildcard", is_flag=True, help="Accept an invoke allow on every capability.")
 @uses_client
-def policy_add(client: BrokerClient, subject: str, object_: str, action: str, effect: str) -> None:
+def policy_add(
+    client: BrokerClient, subject: str, object_: str, action: str, effect: str,
+    condition: str | None, allow_wildcard: bool,
+) -> None:  # fmt: skip
     """Add a rule: SUBJECT (agent:ID or role:NAME) may (not) ACTION on OBJECT (a glob)."""
-    rule = client.add_policy(subject, object_, action, effect)
+    rule = client.add_policy(subject, object_, action, effect, condition,
+                             allow_wildcard=allow_wildcard)  # fmt: skip
+    cond = f"  if {rule['condition']}" if rule.get("condition") else ""
     click.echo(
         f"{rule['id']}  {rule['subject']}  {rule['object']}  {rule['action']}  {rule['effect']}"
+        f"{cond}"
     )
+    for warning in rule.get("warnings", []):
+        click.echo(f"warning: {warning}", err=True)
 
 
 @policy.command("list")
@@ -473,16 +483,128 @@ def policy_delete(client: BrokerClient, rule_id: str) -> None:
 @click.argument("agent_id")
 @click.argument("capability_name")
 @click.option("--action", default="invoke", show_default=True)
+@click.option(
+    "--args",
+    "args",
+    default=None,
+    callback=lambda c, p, v: v and _json_object(c, p, v),
+    help="The call's arguments as a JSON object.",
+)
 @uses_client
-def policy_check(client: BrokerClient, agent_id: str, capability_name: str, action: str) -> None:
-    """Would AGENT_ID (an agent id, or a subject like role:reader) be allowed?"""
+def policy_check(
+    client: BrokerClient, agent_id: str, capability_name: str, action: str,
+    args: dict[str, Any] | None,
+) -> None:  # fmt: skip
+    """Would AGENT_ID (an agent id, or a subject like role:reader) be allowed, and why?"""
     who = {"subject": agent_id} if ":" in agent_id else {"agent": agent_id}
-    d = client.check_policy(capability_name, action=action, **who)
+    d = client.check_policy(capability_name, action=action, args=args, **who)
     verdict = "allowed" if d["allowed"] else "denied"
     reason = f"  ({d['reason']})" if d.get("reason") else ""
     click.echo(
         f"{verdict}: {agent_id} {action} {capability_name}  rule: {d.get('rule') or '-'}{reason}"
     )
+    rows = [[m["id"], m["subject"], m["object"], m["effect"], m.get("condition"),
+             _met(m.get("condition_met")), "<- decided" if m.get("decided") else ""]
+            for m in d.get("matched", [])]  # fmt: skip
+    if rows:
+        click.echo(table(("rule", "subject", "object", "effect", "condition", "met", ""), rows))
+
+
+def _met(value: bool | None) -> str:
+    return "-" if value is None else "yes" if value else "no"
+
+
+def _policy_text(path: Path) -> str:
+    """policy.csv itself, or <dir>/policy.csv."""
+    file = path / "policy.csv" if path.is_dir() else path
+    if not file.is_file():
+        fail("invalid_request", f"no policy file at {file}")
+    return file.read_text(encoding="utf-8")
+
+
+@policy.command("apply")
+@click.option(
+    "-f",
+    "--file",
+    "path",
+    required=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="policy.csv, or a directory holding it.",
+)
+@click.option("--dry-run", is_flag=True, help="Show the changes only.")
+@click.option("--allow-wildcard", is_flag=True, help="Accept invoke allows on every capability.")
+@uses_client
+def policy_apply(client: BrokerClient, path: Path, dry_run: bool, allow_wildcard: bool) -> None:
+    """Make the stored rules and role hierarchy equal to the file, showing the diff."""
+    diff = client.apply_policy(_policy_text(path), dry_run=dry_run, allow_wildcard=allow_wildcard)
+    for rule in diff["add"]:
+        click.echo(f"+ {_rule_text(rule)}")
+    for rule in diff["remove"]:
+        click.echo(f"- {_rule_text(rule)}")
+    for g in diff["grant"]:
+        click.echo(f"+ g {g['subject']} -> {g['role']}")
+    for g in diff["revoke"]:
+        click.echo(f"- g {g['subject']} -> {g['role']}")
+    for g in diff["ignored_agent_grants"]:
+        click.echo(f"note: agent grant {g['subject']} -> {g['role']} is left to `role grant`")
+    for warning in diff["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
+    changes = sum(len(diff[k]) for k in ("add", "remove", "grant", "revoke"))
+    verb = "would change" if dry_run else "changed"
+    click.echo(f"{verb} {changes} entries" if changes else "no changes: the policy matches")
+
+
+def _rule_text(rule: dict[str, Any]) -> str:
+    cond = f" if {rule['condition']}" if rule.get("condition") else ""
+    return (f"{rule['id']}  {rule['subject']} {rule['effect']} {rule['action']} "
+            f"{rule['object']}{cond}")  # fmt: skip
+
+
+@policy.command("replay")
+@click.option(
+    "-f",
+    "--file",
+    "path",
+    required=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="The proposed policy.csv, or a directory holding it.",
+)
+@click.option(
+    "--since",
+    default="7d",
+    show_default=True,
+    help="How far back: 7d, 12h, 30m, or an ISO 8601 UTC time.",
+)
+@click.option("--until", default=None, help="ISO 8601 UTC time (exclusive).")
+@uses_client
+def policy_replay(client: BrokerClient, path: Path, since: str, until: str | None) -> None:
+    """List the recorded calls whose decision the proposed policy would flip."""
+    out = client.replay_policy(_policy_text(path), since=_since(since), until=until)
+    rows = [
+        [
+            f["time"],
+            f["agent_id"],
+            f["capability"],
+            f"{f['before']} -> {f['after']}",
+            f["rule"],
+            f["reason"],
+            "yes" if f["uncertain"] else "",
+        ]
+        for f in out["flips"]
+    ]
+    click.echo(table(("time", "agent", "capability", "flip", "rule", "reason", "uncertain"),
+                     rows))  # fmt: skip
+    click.echo(f"{len(out['flips'])} of {out['checked']} recorded decisions would flip")
+
+
+def _since(text: str) -> str:
+    from datetime import UTC, datetime, timedelta
+
+    units = {"d": "days", "h": "hours", "m": "minutes"}
+    if text[:-1].isdigit() and text[-1:] in units:
+        start = datetime.now(UTC) - timedelta(**{units[text[-1]]: int(text[:-1])})
+        return start.isoformat(timespec="microseconds")[:26] + "Z"
+    return text
 
 
 # --- audit ------------------------------------------------------------------------------------

@@ -145,16 +145,38 @@ class BrokerClient:
         return rules
 
     def add_policy(
-        self, subject: str, object: str, action: str = "invoke", effect: str = "allow"
+        self,
+        subject: str,
+        object: str,
+        action: str = "invoke",
+        effect: str = "allow",
+        condition: str | None = None,
+        *,
+        allow_wildcard: bool = False,
     ) -> dict[str, Any]:
         body = {
             "subject": subject,
             "object": object,
             "action": action,
             "effect": effect,
-            "condition": None,
+            "condition": condition,
+            "allow_wildcard": allow_wildcard,
         }
         out: dict[str, Any] = self.request("POST", "/v1/policies", json=body)
+        return out
+
+    def apply_policy(
+        self, policy: str, *, dry_run: bool = False, allow_wildcard: bool = False
+    ) -> dict[str, Any]:
+        body = {"policy": policy, "dry_run": dry_run, "allow_wildcard": allow_wildcard}
+        out: dict[str, Any] = self.request("POST", "/v1/policies/apply", json=body)
+        return out
+
+    def replay_policy(
+        self, policy: str, *, since: str | None = None, until: str | None = None
+    ) -> dict[str, Any]:
+        body = {"policy": policy, "since": since, "until": until}
+        out: dict[str, Any] = self.request("POST", "/v1/policies/replay", json=body)
         return out
 
     def delete_policy(self, rule_id: str) -> None:
@@ -167,8 +189,15 @@ class BrokerClient:
         agent: str | None = None,
         subject: str | None = None,
         action: str = "invoke",
+        args: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        body = {"object": object, "action": action, "agent": agent, "subject": subject}
+        body = {
+            "object": object,
+            "action": action,
+            "agent": agent,
+            "subject": subject,
+            "args": args,
+        }
         out: dict[str, Any] = self.request("POST", "/v1/policies/check", json=body)
         return out
 

@@ -69,7 +69,10 @@ class PolicyIn(_Strict):
     object: str
     action: str = "invoke"
     effect: Literal["allow", "deny"] = "allow"
-    condition: str | None = None
+    condition: str | None = Field(default=None, description='e.g. args.owner == "acme"')
+    allow_wildcard: bool = Field(
+        default=False, description="accept an invoke allow on every capability (*)"
+    )
 
 
 class PolicyRule(BaseModel):
@@ -80,6 +83,7 @@ class PolicyRule(BaseModel):
     effect: str
     condition: str | None = None
     source: str = "api"
+    warnings: list[str] = Field(default_factory=list)
 
 
 class PolicyList(BaseModel):
@@ -98,6 +102,38 @@ class PolicyCheckOut(BaseModel):
     allowed: bool
     rule: str | None
     reason: str = ""
+    subject: str | None = None
+    roles: list[str] = Field(default_factory=list)
+    matched: list[dict[str, Any]] = Field(
+        default_factory=list, description="every matching rule, its condition's checks"
+    )
+
+
+class PolicyApplyIn(_Strict):
+    policy: str = Field(description="the text of a policy.csv")
+    dry_run: bool = False
+    allow_wildcard: bool = False
+
+
+class PolicyDiff(BaseModel):
+    add: list[dict[str, Any]]
+    remove: list[dict[str, Any]]
+    grant: list[dict[str, Any]]
+    revoke: list[dict[str, Any]]
+    ignored_agent_grants: list[dict[str, Any]] = Field(default_factory=list)
+    dry_run: bool
+    warnings: list[str] = Field(default_factory=list)
+
+
+class PolicyReplayIn(_Strict):
+    policy: str = Field(description="the text of the proposed policy.csv")
+    since: str | None = None
+    until: str | None = None
+
+
+class PolicyReplay(BaseModel):
+    checked: int
+    flips: list[dict[str, Any]]
 
 
 class CapabilitySummary(BaseModel):

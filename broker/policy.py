@@ -858,6 +858,28 @@ class CasbinPolicy:
         """``lint()`` of the rules being enforced."""
         return lint(self.rules(), capabilities, allow_wildcard=allow_wildcard)
 
+    def parse(self, text: str) -> tuple[list[Rule], list[Grant]]:
+        """``parse_policy_csv`` with its errors as Unprocessable (for the API)."""
+        try:
+            return parse_policy_csv(text)
+        except ValueError as exc:
+            raise Unprocessable(str(exc)) from None
+
+    def review(
+        self,
+        rules: Sequence[Rule],
+        capabilities: Mapping[str, Collection[str]],
+        *,
+        allow_wildcard: bool = False,
+    ) -> list[dict[str, str]]:
+        """``lint()`` of the given rules, as plain data."""
+        issues = lint(rules, capabilities, allow_wildcard=allow_wildcard)
+        return [{"level": i.level, "rule_id": i.rule_id, "message": i.message} for i in issues]
+
+    def simulate(self, rules: Sequence[Rule], grants: Sequence[Grant]) -> CasbinPolicy:
+        """A separate engine holding these rules and grants (the live one is untouched)."""
+        return CasbinPolicy(rules, grants, cache_size=self._cache_size)
+
 
 def _explain_entry(
     entry: _Entry, args: Mapping[str, Any], agent: Mapping[str, Any], decision: Decision

@@ -7,7 +7,7 @@ Adapters implement these: vault.py (SecretStore), upstream.py (Upstream), policy
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -29,6 +29,10 @@ class Principal:
     @property
     def subject(self) -> str:
         return f"agent:{self.agent_id}"
+
+    def as_subject_data(self) -> dict[str, Any]:
+        """What policy conditions may read about the caller (``agent.*``)."""
+        return {"id": self.agent_id, "name": self.name, "attributes": dict(self.attributes)}
 
 
 @dataclass(frozen=True)
@@ -176,7 +180,27 @@ class PolicyEngine(Protocol):
     def load(self, rules: Sequence[Rule], grants: Sequence[Grant]) -> None:
         """Replace the whole policy atomically (decisions see the old or the new, never a mix)."""
 
-    def decide(self, subject: str, obj: str, action: str) -> Decision: ...
+    def decide(
+        self,
+        subject: str,
+        obj: str,
+        action: str,
+        *,
+        args: Mapping[str, Any] | None = None,
+        agent: Mapping[str, Any] | None = None,
+    ) -> Decision:
+        """``agent`` is ``{"id", "name", "attributes"}``; rules with conditions read it."""
+
+    def explain(
+        self,
+        subject: str,
+        obj: str,
+        action: str,
+        *,
+        args: Mapping[str, Any] | None = None,
+        agent: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """The decision and every matching rule with its condition's checks (plain data)."""
 
     def roles_of(self, subject: str) -> list[str]: ...
 
@@ -187,6 +211,21 @@ class PolicyEngine(Protocol):
         self, subject: str, obj: str, action: str, effect: str, condition: str | None
     ) -> Rule:
         """A validated rule with its derived id; raises Unprocessable on a bad rule."""
+
+    def parse(self, text: str) -> tuple[list[Rule], list[Grant]]:
+        """Rules and grants of a policy file (policy.csv); raises Unprocessable."""
+
+    def review(
+        self,
+        rules: Sequence[Rule],
+        capabilities: Mapping[str, Collection[str]],
+        *,
+        allow_wildcard: bool = False,
+    ) -> list[dict[str, str]]:
+        """Lint: ``[{"level": "error"|"warning", "rule_id", "message"}]``."""
+
+    def simulate(self, rules: Sequence[Rule], grants: Sequence[Grant]) -> PolicyEngine:
+        """A separate engine with these rules and grants (for replaying a proposed policy)."""
 
 
 class CallSlot(Protocol):

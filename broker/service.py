@@ -195,7 +195,10 @@ class Broker:
         # A dry render with stand-in secrets refuses argument tricks before anything runs.
         stand_ins = {name: "x" for name in call.cap.secrets}
         render(call.cap, call.args, stand_ins, call.principal.agent_id)
-        decision = self.policy.decide(call.principal.subject, call.cap.name, "invoke")
+        who = call.principal
+        decision = self.policy.decide(
+            who.subject, call.cap.name, "invoke", args=call.args, agent=who.as_subject_data()
+        )
         call.rule = decision.rule
         if not decision.allowed:
             why = decision.reason or "no rule allows it"
