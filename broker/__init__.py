@@ -7,7 +7,7 @@ wire models and the error classes. The server lives in the submodules (``broker.
 from __future__ import annotations
 
 from broker import models
-from broker.client import BrokerClient
+from broker.client import AsyncBrokerClient, BrokerClient, new_idempotency_key
 from broker.errors import (
     AuditUnavailable,
     BrokerError,
@@ -34,10 +34,31 @@ from broker.errors import (
 )
 
 __all__ = [
-    "AuditUnavailable", "BrokerClient", "BrokerError", "BudgetExhausted", "CapabilityNotFound",
-    "Conflict", "EgressDenied", "Forbidden", "InvalidArguments", "InvalidManifest",
-    "InvalidRequest", "NotFound", "PolicyDenied", "RateLimited", "RequestTooLarge",
-    "SecretUnavailable", "StorageUnavailable", "Unauthenticated", "Unavailable", "Unprocessable",
-    "UpstreamError", "UpstreamResponseTooLarge", "UpstreamTimeout", "models",
-]  # fmt: skip
+    "AsyncBrokerClient",
+    "AuditUnavailable",
+    "BrokerClient",
+    "BrokerError",
+    "BudgetExhausted",
+    "CapabilityNotFound",
+    "Conflict",
+    "EgressDenied",
+    "Forbidden",
+    "InvalidArguments",
+    "InvalidManifest",
+    "InvalidRequest",
+    "NotFound",
+    "PolicyDenied",
+    "RateLimited",
+    "RequestTooLarge",
+    "SecretUnavailable",
+    "StorageUnavailable",
+    "Unauthenticated",
+    "Unavailable",
+    "Unprocessable",
+    "UpstreamError",
+    "UpstreamResponseTooLarge",
+    "UpstreamTimeout",
+    "models",
+    "new_idempotency_key",
+]
 __version__ = "0.1.0"

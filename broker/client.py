@@ -1,11 +1,19 @@
-"""BrokerClient: the Python SDK over the HTTP API (httpx). Error codes map back to errors.py.
+"""The Python SDK over the HTTP API (httpx): ``BrokerClient`` and ``AsyncBrokerClient``.
 
-Importing this module pulls in no server dependency (no FastAPI, SQLAlchemy, hvac, casbin).
+Error codes map back to the classes of errors.py (``except broker.PolicyDenied``). Importing
+this module pulls in no server dependency (no FastAPI, SQLAlchemy, hvac, casbin).
+
+    with BrokerClient(url, token) as broker:
+        tools = broker.tools("openai")                       # for an LLM's tool list
+        out = broker.invoke("github.issues.create", {...}, idempotency_key=new_idempotency_key())
+        task = broker.for_task("ticket-4711")                 # budgets and audit by task
+        task.invoke("slack.chat.post", {...})
 """
 
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
@@ -13,6 +21,37 @@ from typing import Any
 import httpx
 
 from broker.errors import BrokerError, error_class_for
+from broker.tools import Format
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+def new_idempotency_key() -> str:
+    """A fresh key: reuse it when retrying the same call, so it runs at most once."""
+    return uuid.uuid4().hex
+
+
+def _settings(url: str | None, token: str | None) -> tuple[str, dict[str, str]]:
+    base = url or os.environ.get("BROKER_URL") or DEFAULT_URL
+    token = token if token is not None else os.environ.get("BROKER_TOKEN")
+    return base, ({"Authorization": f"Bearer {token}"} if token else {})
+
+
+def _call_headers(idempotency_key: str | None, task: str | None) -> dict[str, str]:
+    headers = {}
+    if idempotency_key:
+        headers["Idempotency-Key"] = idempotency_key
+    if task:
+        headers["X-Broker-Task"] = task
+    return headers
+
+
+def _answer(response: httpx.Response) -> Any:
+    if response.status_code >= 400:
+        raise _error_from(response)
+    if response.status_code == 204 or not response.content:
+        return None
+    return response.json()
 
 
 class BrokerClient:
@@ -26,9 +65,7 @@ class BrokerClient:
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        base = url or os.environ.get("BROKER_URL") or "http://127.0.0.1:8080"
-        token = token if token is not None else os.environ.get("BROKER_TOKEN")
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        base, headers = _settings(url, token)
         self._http = httpx.Client(
             base_url=base,
             headers=headers,
@@ -50,12 +87,16 @@ class BrokerClient:
         self._http.close()
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = self._http.request(method, path, **kwargs)
-        if response.status_code >= 400:
-            raise _error_from(response)
-        if response.status_code == 204 or not response.content:
-            return None
-        return response.json()
+        return _answer(self._http.request(method, path, **kwargs))
+
+    def for_task(self, task: str) -> TaskView:
+        """Calls made through the view carry ``X-Broker-Task: task``."""
+        return TaskView(self, task)
+
+    def tools(self, fmt: Format) -> dict[str, Any]:
+        """``{"tools": [...], "names": {tool name: capability}}`` in OpenAI or Anthropic form."""
+        out: dict[str, Any] = self.request("GET", "/v1/capabilities", params={"format": fmt})
+        return out
 
     # -- calls -----------------------------------------------------------------------------
 
@@ -67,11 +108,7 @@ class BrokerClient:
         idempotency_key: str | None = None,
         task: str | None = None,
     ) -> dict[str, Any]:
-        headers = {}
-        if idempotency_key:
-            headers["Idempotency-Key"] = idempotency_key
-        if task:
-            headers["X-Broker-Task"] = task
+        headers = _call_headers(idempotency_key, task)
         result: dict[str, Any] = self.request(
             "POST",
             f"/v1/capabilities/{capability}/invoke",
@@ -223,6 +260,74 @@ class BrokerClient:
     def audit(self, **filters: Any) -> dict[str, Any]:
         params = {k: v for k, v in filters.items() if v is not None}
         out: dict[str, Any] = self.request("GET", "/v1/audit", params=params)
+        return out
+
+
+class TaskView:
+    """A client bound to one task (``X-Broker-Task``)."""
+
+    def __init__(self, client: BrokerClient, task: str) -> None:
+        self.client, self.task = client, task
+
+    def invoke(
+        self, capability: str, args: dict[str, Any] | None = None, *,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        return self.client.invoke(capability, args, idempotency_key=idempotency_key,
+                                  task=self.task)  # fmt: skip
+
+
+class AsyncBrokerClient:
+    """The asynchronous client for agents: invoke, list capabilities, tool definitions."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        *,
+        timeout: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        base, headers = _settings(url, token)
+        self._http = httpx.AsyncClient(base_url=base, headers=headers, timeout=timeout,
+                                       transport=transport, follow_redirects=False,
+                                       trust_env=False)  # fmt: skip
+
+    async def __aenter__(self) -> AsyncBrokerClient:
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        return _answer(await self._http.request(method, path, **kwargs))
+
+    async def invoke(
+        self,
+        capability: str,
+        args: dict[str, Any] | None = None,
+        *,
+        idempotency_key: str | None = None,
+        task: str | None = None,
+    ) -> dict[str, Any]:
+        result: dict[str, Any] = await self.request(
+            "POST", f"/v1/capabilities/{capability}/invoke", json={"args": args or {}},
+            headers=_call_headers(idempotency_key, task),
+        )  # fmt: skip
+        return result
+
+    async def list_capabilities(self) -> list[dict[str, Any]]:
+        caps: list[dict[str, Any]] = (await self.request("GET", "/v1/capabilities"))["capabilities"]
+        return caps
+
+    async def tools(self, fmt: Format) -> dict[str, Any]:
+        out: dict[str, Any] = await self.request("GET", "/v1/capabilities",
+                                                 params={"format": fmt})  # fmt: skip
         return out
 
 
