@@ -24,7 +24,6 @@ RESERVED_AGENT_IDS = {"admin"}  # owned by BROKER_BOOTSTRAP_ADMIN_TOKEN
 class Admin:
     def __init__(self, broker: Broker) -> None:
         self.b = broker
-        self.tools = broker.policy
         self.policies = PolicyReview(self)
         self._reload_lock = asyncio.Lock()
 
@@ -83,7 +82,7 @@ class Admin:
 
     async def all_rules(self) -> list[Rule]:
         """Built-in rules first; a stored rule that only repeats a built-in one is not listed."""
-        builtin = self.tools.builtin_rules()
+        builtin = self.b.policy.builtin_rules()
         seen = {(r.subject, r.object, r.action, r.effect, r.condition) for r in builtin}
         stored = [
             r

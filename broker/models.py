@@ -136,18 +136,6 @@ class PolicyReplay(BaseModel):
     flips: list[dict[str, Any]]
 
 
-class CapabilitySummary(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    name: str
-    version: int
-    description: str
-    input: dict[str, Any]
-
-
-class CapabilityList(BaseModel):
-    capabilities: list[dict[str, Any]]
-
-
 class InvokeIn(_Strict):
     args: dict[str, Any] = Field(default_factory=dict)
 
