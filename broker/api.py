@@ -16,13 +16,16 @@ from typing import Annotated, Any
 
 from fastapi import Body, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from broker import errors, models
 from broker.errors import BrokerError
+from broker.mcp import McpEndpoint
 from broker.ports import AgentRecord, AuditEvent, AuditQuery
 from broker.service import Broker, InvokeRequest
+from broker.tools import Format as ToolFormat
+from broker.tools import as_tools
 
 log = logging.getLogger("broker.api")
 Scope = MutableMapping[str, Any]
@@ -47,11 +50,14 @@ Token = Annotated[str | None, Header(alias="Authorization", include_in_schema=Fa
 
 
 def create_app(broker: Broker, *, max_request_bytes: int = 1_048_576) -> FastAPI:
+    mcp = McpEndpoint(broker)
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await broker.start()
         try:
-            yield
+            async with mcp.running():
+                yield
         finally:
             await broker.close()
 
@@ -63,6 +69,7 @@ def create_app(broker: Broker, *, max_request_bytes: int = 1_048_576) -> FastAPI
     _agent_routes(app, broker)
     _policy_routes(app, broker)
     _audit_routes(app, broker)
+    app.router.routes.append(mcp.route())  # /mcp: MCP (streamable HTTP) over the same Broker
     return app
 
 
@@ -197,14 +204,23 @@ def _health_routes(app: FastAPI, broker: Broker) -> None:
         ok = all(checks.values())
         return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
 
+    @app.get("/metrics", tags=["health"], response_class=Response)
+    async def metrics() -> Response:
+        """Prometheus text exposition; unauthenticated, like /healthz (no secret or value in it)."""
+        body, content_type = broker.metrics.exposition()
+        return Response(body, headers={"Content-Type": content_type})
+
 
 def _capability_routes(app: FastAPI, broker: Broker) -> None:
     admin = broker.admin
 
-    @app.get("/v1/capabilities", tags=["capabilities"], response_model=models.CapabilityList)
-    async def list_capabilities(authorization: Token = None, all: bool = False) -> Any:
+    @app.get("/v1/capabilities", tags=["capabilities"])
+    async def list_capabilities(
+        authorization: Token = None, all: bool = False, format: ToolFormat | None = None
+    ) -> Any:
+        """What the caller may invoke; ``format=openai|anthropic`` gives tool definitions."""
         caps = await admin.list_capabilities(bearer(authorization), all_=all)
-        return {"capabilities": caps}
+        return {"capabilities": caps} if format is None else as_tools(caps, format)
 
     @app.put("/v1/capabilities/{name}", tags=["capabilities"])
     async def put_capability(
@@ -247,6 +263,7 @@ def _capability_routes(app: FastAPI, broker: Broker) -> None:
                 idempotency_key=idempotency_key,
                 task_id=x_broker_task,
                 trace_id=_trace_id(traceparent),
+                traceparent=traceparent,
             )
         )
         return result.to_dict()

@@ -16,10 +16,13 @@ from broker.errors import BrokerError
 from broker.guards import LocalGuards
 from broker.identity import SqlDirectory
 from broker.keyring import AuditKeys
+from broker.metrics import MeteredAuditLog, PrometheusMetrics
 from broker.policy import CasbinPolicy, parse_policy_csv
+from broker.ports import Tracer
 from broker.registry import SqlCapabilityRegistry
 from broker.rulebook import SqlRulebook
 from broker.service import Broker
+from broker.telemetry import tracer_from_env
 from broker.upstream import HttpUpstream
 from broker.vault import VaultSecretStore
 
@@ -31,9 +34,15 @@ BOOTSTRAP_AGENT = "admin"
 BOOTSTRAP_TOKEN_ID = "tok_bootstrap"  # noqa: S105 (an id, not a secret)
 
 
-def build_broker(settings: Settings) -> Broker:
+def build_broker(settings: Settings, *, tracer: Tracer | None = None) -> Broker:
     """Build every adapter, migrate the schema, and wire the Broker (start-up work runs later,
-    in ``Broker.start``, inside the server's event loop)."""
+    in ``Broker.start``, inside the server's event loop).
+
+    Tracing follows the ``OTEL_*`` environment (telemetry.py) unless a ``tracer`` is given
+    (tests: one exporting to memory); a given tracer stays the caller's to shut down."""
+    owned = tracer_from_env() if tracer is None else None
+    tracer = tracer or owned
+    metrics = PrometheusMetrics()  # a registry per broker, served at GET /metrics
     engine = make_engine(settings.resolved_database_url(), busy_timeout=settings.audit_timeout)
     migrate(engine)
     broker = Broker(
@@ -46,15 +55,20 @@ def build_broker(settings: Settings) -> Broker:
             token=settings.vault_token.get_secret_value(),
             timeout=settings.vault_timeout,
             cache_ttl=settings.secret_cache_ttl,
+            metrics=metrics,
         ),
-        upstream=HttpUpstream(egress_allow=settings.egress_allow),
+        upstream=HttpUpstream(egress_allow=settings.egress_allow, tracer=tracer),
         guards=LocalGuards(),
-        audit=_audit_log(engine, settings),
+        audit=MeteredAuditLog(_audit_log(engine, settings), metrics),
         max_response_bytes=settings.max_response_bytes,
+        tracer=tracer,
+        metrics=metrics,
     )
     broker.admin = Admin(broker)
     broker.on_start.append(lambda: _start(broker, settings))
     broker.on_close.append(lambda: asyncio.to_thread(engine.dispose))
+    if owned is not None:
+        broker.on_close.append(lambda: asyncio.to_thread(owned.close))  # flushes batched spans
     return broker
 
 

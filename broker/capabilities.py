@@ -25,7 +25,10 @@ DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
 RATE_RE = re.compile(r"^(\d+)/(second|minute|hour|day)$")
 HEADER_NAME_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 # Headers the broker owns on the wire; a manifest may not set them.
-RESERVED_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "upgrade", "te"}
+RESERVED_HEADERS = {
+    "host", "content-length", "transfer-encoding", "connection", "upgrade", "te",
+    "traceparent", "tracestate",  # the broker propagates its own trace context
+}  # fmt: skip
 
 
 def parse_duration(value: str | float | int) -> float:

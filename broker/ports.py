@@ -2,12 +2,14 @@
 
 Adapters implement these: vault.py (SecretStore), upstream.py (Upstream), policy.py
 (PolicyEngine), identity.py (Directory), registry.py (CapabilityRegistry), rulebook.py
-(Rulebook), audit.py (AuditLog). Only bootstrap.py builds them.
+(Rulebook), audit.py (AuditLog), telemetry.py (Tracer), metrics.py (Metrics). Only
+bootstrap.py builds them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, MutableMapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -314,3 +316,109 @@ class AuditLog(Protocol):
         """The value's HMAC under every audit key, to search records for a known value."""
 
     def rotate_hmac_key(self) -> str: ...
+
+
+# --- observability ------------------------------------------------------------------------
+
+SpanValue = str | int | float | bool
+
+
+class Span(Protocol):
+    """One traced operation. Attributes: capability, agent id, decision, codes; never values."""
+
+    @property
+    def trace_id(self) -> str | None:
+        """The 32-hex trace id this span belongs to (None when tracing is off)."""
+
+    def set(self, **attrs: SpanValue | None) -> None:
+        """Set attributes; None values are skipped."""
+
+    def fail(self, code: str) -> None:
+        """Mark the operation failed with a machine code (an error code, never a message)."""
+
+
+class Tracer(Protocol):
+    def span(
+        self,
+        name: str,
+        *,
+        kind: str = "internal",
+        traceparent: str | None = None,
+        **attrs: SpanValue | None,
+    ) -> AbstractContextManager[Span]:
+        """A span, current while the block runs, child of the current span; with ``traceparent``
+        (the caller's W3C header) a child of that remote span instead (a new trace when the
+        header is malformed). ``kind``: internal | server | client."""
+
+    def inject(self, headers: MutableMapping[str, str]) -> None:
+        """Add the W3C ``traceparent`` of the current span (nothing when there is none)."""
+
+
+class Metrics(Protocol):
+    """Counters and histograms. Labels are capability names and fixed enums only."""
+
+    def call(self, capability: str | None, decision: str, outcome: str, code: str) -> None:
+        """One invoke ended. decision: allow | deny | none; outcome: succeeded |
+        upstream_error | failed | refused; code: the error code, "" when none."""
+
+    def stage(self, stage: str, seconds: float) -> None:
+        """authenticate | decide | secrets | upstream | audit | total."""
+
+    def spend(self, capability: str, cost: float) -> None: ...
+
+    def secret_cache(self, result: str) -> None:
+        """hit | miss | shared (joined a read already in flight)."""
+
+    def audit(self, kind: str, *, ok: bool) -> None: ...
+
+    def exposition(self) -> tuple[bytes, str]:
+        """(body, content type) for ``GET /metrics``."""
+
+
+class _NoSpan:
+    trace_id: str | None = None
+
+    def set(self, **attrs: SpanValue | None) -> None:
+        return None
+
+    def fail(self, code: str) -> None:
+        return None
+
+
+class NoTracer:
+    """Tracing off: no spans, no headers."""
+
+    def span(
+        self,
+        name: str,
+        *,
+        kind: str = "internal",
+        traceparent: str | None = None,
+        **attrs: SpanValue | None,
+    ) -> AbstractContextManager[Span]:
+        return nullcontext(_NoSpan())
+
+    def inject(self, headers: MutableMapping[str, str]) -> None:
+        return None
+
+
+class NoMetrics:
+    """Metrics off: every observation is dropped."""
+
+    def call(self, capability: str | None, decision: str, outcome: str, code: str) -> None:
+        return None
+
+    def stage(self, stage: str, seconds: float) -> None:
+        return None
+
+    def spend(self, capability: str, cost: float) -> None:
+        return None
+
+    def secret_cache(self, result: str) -> None:
+        return None
+
+    def audit(self, kind: str, *, ok: bool) -> None:
+        return None
+
+    def exposition(self) -> tuple[bytes, str]:
+        return b"", "text/plain; charset=utf-8"

@@ -14,7 +14,8 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,11 +28,17 @@ from broker.ports import (
     CapabilityRegistry,
     Directory,
     Guards,
+    Metrics,
+    NoMetrics,
+    NoTracer,
     PolicyEngine,
     Principal,
     Rulebook,
     SecretStore,
     SecretValue,
+    Span,
+    SpanValue,
+    Tracer,
     Upstream,
     UpstreamResponse,
 )
@@ -55,6 +62,7 @@ class InvokeRequest:
     idempotency_key: str | None = None
     task_id: str | None = None
     trace_id: str | None = None
+    traceparent: str | None = None  # the caller's W3C header: the parent of the broker's spans
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,9 @@ class Call:
     cap: Capability | None = None
     args: Any = None
     rule: str | None = None
+    decision: str | None = None  # allow | deny once the policy has spoken
+    started: bool = False  # call.started is on record
+    trace_id: str | None = None  # the trace of this call (the caller's or the broker's own)
 
     def event(self, kind: str, **fields: Any) -> AuditEvent:
         cap = self.cap
@@ -94,7 +105,7 @@ class Call:
             capability_version=cap.version if cap else None,
             rule=self.rule,
             task_id=self.request.task_id,
-            trace_id=self.request.trace_id,
+            trace_id=self.trace_id or self.request.trace_id,
             idempotency_key=self.request.idempotency_key,
             sensitive=cap.sensitive_args() if cap else (),
             **fields,
@@ -118,6 +129,8 @@ class Broker:
         guards: Guards,
         audit: AuditLog,
         max_response_bytes: int,
+        tracer: Tracer | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.registry = registry
         self.directory = directory
@@ -128,6 +141,8 @@ class Broker:
         self.guards = guards
         self.audit = audit
         self.max_response_bytes = max_response_bytes
+        self.tracer: Tracer = tracer or NoTracer()
+        self.metrics: Metrics = metrics or NoMetrics()
         self.on_start: list[Callable[[], Awaitable[None]]] = []
         self.on_close: list[Callable[[], Awaitable[None]]] = []
 
@@ -162,6 +177,23 @@ class Broker:
 
     async def invoke(self, req: InvokeRequest) -> InvokeResult:
         call = Call(call_id="call_" + uuid.uuid4().hex, request=req)
+        started = time.perf_counter()
+        with self.tracer.span(
+            "broker.invoke", kind="server", traceparent=req.traceparent, call_id=call.call_id
+        ) as span:
+            # The audit record carries the trace: the caller's, else this broker's new one.
+            call.trace_id = span.trace_id or req.trace_id
+            try:
+                result = await self._invoke(call)
+            except Exception as exc:
+                self._account(call, span, exc)
+                raise
+            finally:
+                self.metrics.stage("total", time.perf_counter() - started)
+            self._account(call, span, result)
+            return result
+
+    async def _invoke(self, call: Call) -> InvokeResult:
         try:
             await self._admit(call)
             assert call.cap is not None and call.principal is not None
@@ -179,33 +211,74 @@ class Broker:
             await self._record_or_refuse(
                 call, call.event("call.started", decision="allow", args=call.args)
             )
+            call.started = True
             return await self._execute(call, call.cap, call.principal)
+
+    def _account(self, call: Call, span: Span, end: InvokeResult | Exception) -> None:
+        """Metrics and root-span attributes of one finished invoke: names and codes only."""
+        cap = call.cap.name if call.cap else None
+        decision = call.decision or "none"
+        if isinstance(end, InvokeResult):
+            outcome, code, status = end.status, "", 200
+            if end.status == "succeeded" and call.cap is not None:
+                self.metrics.spend(call.cap.name, call.cap.limits.cost)
+            span.set(upstream_status=end.upstream_status)
+        else:
+            outcome = "failed" if call.started else "refused"
+            code, status = _mark(span, end)
+        self.metrics.call(cap, decision, outcome, code)
+        agent = call.principal.agent_id if call.principal else None
+        span.set(capability=cap, agent_id=agent, decision=decision, outcome=outcome)
+        span.set(http_status=status)
+
+    @contextmanager
+    def _stage(
+        self, stage: str, *, kind: str = "internal", **attrs: SpanValue | None
+    ) -> Iterator[Span]:
+        """One pipeline stage: a span (child of the invoke span) and its latency."""
+        started = time.perf_counter()
+        try:
+            with self.tracer.span(f"broker.{stage}", kind=kind) as span:
+                span.set(**attrs)
+                try:
+                    yield span
+                except Exception as exc:
+                    _mark(span, exc)
+                    raise
+        finally:
+            self.metrics.stage(stage, time.perf_counter() - started)
 
     # -- steps 1-5: nothing has happened yet ----------------------------------------------
 
     async def _admit(self, call: Call) -> None:
         req = call.request
         _check_header_values(req)
-        call.principal = await self.authenticate(req.token)
-        call.cap = await self.registry.get(req.capability)
-        if call.cap is None:
-            raise errors.CapabilityNotFound(f"no capability named {req.capability!r}")
-        call.args = _parse_args(req.body)
-        call.cap.validate_args(call.args)
-        # A dry render with stand-in secrets refuses argument tricks before anything runs.
-        stand_ins = {name: "x" for name in call.cap.secrets}
-        render(call.cap, call.args, stand_ins, call.principal.agent_id)
-        who = call.principal
-        decision = self.policy.decide(
-            who.subject, call.cap.name, "invoke", args=call.args, agent=who.as_subject_data()
-        )
-        call.rule = decision.rule
-        if not decision.allowed:
-            why = decision.reason or "no rule allows it"
-            raise errors.PolicyDenied(
-                f"{call.principal.subject} may not invoke {call.cap.name}: {why}",
-                details={"rule": decision.rule},
+        with self._stage("authenticate") as span:
+            call.principal = await self.authenticate(req.token)
+            span.set(agent_id=call.principal.agent_id)
+        with self._stage("decide") as span:
+            call.cap = await self.registry.get(req.capability)
+            if call.cap is None:
+                raise errors.CapabilityNotFound(f"no capability named {req.capability!r}")
+            span.set(capability=call.cap.name, capability_version=call.cap.version)
+            call.args = _parse_args(req.body)
+            call.cap.validate_args(call.args)
+            # A dry render with stand-in secrets refuses argument tricks before anything runs.
+            stand_ins = {name: "x" for name in call.cap.secrets}
+            render(call.cap, call.args, stand_ins, call.principal.agent_id)
+            who = call.principal
+            decision = self.policy.decide(
+                who.subject, call.cap.name, "invoke", args=call.args, agent=who.as_subject_data()
             )
+            call.rule = decision.rule
+            call.decision = "allow" if decision.allowed else "deny"
+            span.set(decision=call.decision, rule=decision.rule)
+            if not decision.allowed:
+                why = decision.reason or "no rule allows it"
+                raise errors.PolicyDenied(
+                    f"{call.principal.subject} may not invoke {call.cap.name}: {why}",
+                    details={"rule": decision.rule},
+                )
 
     async def _refuse(self, call: Call, exc: BrokerError) -> None:
         exc.call_id = call.call_id
@@ -213,7 +286,8 @@ class Broker:
         event = call.event(
             kind, decision="deny", reason=exc.code, args=call.args, detail={"message": exc.message}
         )
-        await self.record_refusal(event, exc)
+        with self._stage("audit", audit_kind=kind):
+            await self.record_refusal(event, exc)
 
     async def record_refusal(self, event: AuditEvent, exc: BrokerError) -> None:
         """Audit a refusal. The refusal stands even if the record cannot be written."""
@@ -232,7 +306,8 @@ class Broker:
 
     async def _record_or_refuse(self, call: Call, event: AuditEvent) -> None:
         try:
-            await self.audit.append(event)
+            with self._stage("audit", audit_kind=event.kind):
+                await self.audit.append(event)
         except errors.AuditUnavailable as exc:
             exc.call_id = call.call_id
             log.error("audit unavailable: call %s refused, nothing executed", call.call_id)
@@ -245,14 +320,18 @@ class Broker:
         resolved: list[SecretValue] = []
         redactor = Redactor([])
         try:
-            resolved = await self._resolve_secrets(cap, who)
+            with self._stage("secrets", secret_count=len(referenced_names(cap))):
+                resolved = await self._resolve_secrets(cap, who)
             redactor = Redactor([s.value for s in resolved])
             values = dict(zip(referenced_names(cap), (s.value for s in resolved), strict=True))
             request = _render_with_secrets(cap, call.args, values, who.agent_id)
             limit = cap.http.max_response_bytes or self.max_response_bytes
-            response = await self.upstream.send(
-                request, timeout=cap.http.timeout, max_bytes=min(limit, self.max_response_bytes)
-            )
+            with self._stage("upstream", kind="client", http_method=request.method) as span:
+                # The upstream adds this span's traceparent to the request (upstream.py).
+                response = await self.upstream.send(
+                    request, timeout=cap.http.timeout, max_bytes=min(limit, self.max_response_bytes)
+                )
+                span.set(http_status=response.status)
             result = InvokeResult(call.call_id, *shape(cap, response, redactor))
         except Exception as exc:
             # Whatever went wrong after call.started, the record gets its end.
@@ -301,7 +380,8 @@ class Broker:
             latency,
         )
         try:
-            await self.audit.append(event)
+            with self._stage("audit", audit_kind=event.kind):
+                await self.audit.append(event)
         except errors.AuditUnavailable as exc:
             exc.call_id = call.call_id
             exc.message = "the call ran but its outcome could not be recorded"
@@ -316,6 +396,15 @@ class Broker:
             for n in names
         ]
         return list(await asyncio.gather(*reads))
+
+
+def _mark(span: Span, exc: Exception) -> tuple[str, int]:
+    """Put the error code on the span, failed when the broker is at fault; (code, status)."""
+    err = exc if isinstance(exc, BrokerError) else BrokerError()
+    span.set(error_code=err.code)
+    if err.status >= 500:
+        span.fail(err.code)
+    return err.code, err.status
 
 
 def referenced_names(cap: Capability) -> list[str]:

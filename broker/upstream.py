@@ -28,7 +28,7 @@ from broker.errors import (
     UpstreamResponseTooLarge,
     UpstreamTimeout,
 )
-from broker.ports import OutgoingRequest, UpstreamResponse
+from broker.ports import NoTracer, OutgoingRequest, Tracer, UpstreamResponse
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -40,6 +40,8 @@ CGNAT = ipaddress.IPv4Network("100.64.0.0/10")
 NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 # Encodings aiohttp decodes itself; the body we return is then no longer encoded.
 DECODED_ENCODINGS = {"gzip", "deflate", "br", "zstd"}
+# W3C trace context: only the broker sets these (its own span), never the manifest or agent.
+TRACE_HEADERS = {"traceparent", "tracestate"}
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,14 @@ def _normalise_host(host: str) -> str:
 class HttpUpstream:
     """Upstream port over aiohttp: one pooled session per broker, created in the running loop."""
 
-    def __init__(self, *, egress_allow: Sequence[str] = (), pool_size: int = 100) -> None:
+    def __init__(
+        self,
+        *,
+        egress_allow: Sequence[str] = (),
+        pool_size: int = 100,
+        tracer: Tracer | None = None,
+    ) -> None:
+        self._tracer: Tracer = tracer or NoTracer()
         self._allow: tuple[IPNetwork, ...] = tuple(
             ipaddress.ip_network(cidr.strip(), strict=False) for cidr in egress_allow
         )
@@ -188,7 +197,7 @@ class HttpUpstream:
         async with session.request(
             request.method,
             url,
-            headers=list(request.headers),
+            headers=self._headers(request),
             data=request.body,
             allow_redirects=False,
             timeout=aiohttp.ClientTimeout(total=None),  # the caller's asyncio.timeout rules
@@ -200,6 +209,13 @@ class HttpUpstream:
             return UpstreamResponse(
                 status=resp.status, headers=_response_headers(resp, decoded), body=body
             )
+
+    def _headers(self, request: OutgoingRequest) -> list[tuple[str, str]]:
+        """The rendered headers plus the ``traceparent`` of the current (upstream) span."""
+        headers = [(k, v) for k, v in request.headers if k.lower() not in TRACE_HEADERS]
+        trace: dict[str, str] = {}
+        self._tracer.inject(trace)
+        return headers + list(trace.items())
 
 
 def _refuse_declared_length(resp: aiohttp.ClientResponse, url: URL, max_bytes: int) -> None:

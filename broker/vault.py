@@ -22,7 +22,7 @@ import requests
 import requests.adapters
 
 from broker.errors import SecretUnavailable
-from broker.ports import SecretValue
+from broker.ports import Metrics, NoMetrics, SecretValue
 
 T = TypeVar("T")
 
@@ -282,6 +282,7 @@ class VaultSecretStore:
         timeout: float = 5.0,
         cache_ttl: float = 30.0,
         verify: bool | str = True,
+        metrics: Metrics | None = None,
     ) -> None:
         if not isinstance(token, str) or not token:
             raise ValueError(
@@ -303,6 +304,7 @@ class VaultSecretStore:
         self._inflight: dict[tuple[str, str], asyncio.Future[_Entry]] = {}
         self._generation = 0  # bumped by invalidate(): reads begun before it are not cached
         self._closed = False
+        self._metrics: Metrics = metrics or NoMetrics()  # cache hits and misses
 
     def __repr__(self) -> str:  # never the token
         return f"VaultSecretStore(url={self._url!r}, cache_ttl={self._ttl})"
@@ -407,13 +409,17 @@ class VaultSecretStore:
         slot = (mount, path)
         cached = self._cache.get(slot)
         if cached is not None and cached.expires > time.monotonic():
+            self._metrics.secret_cache("hit")
             return cached
         loop = asyncio.get_running_loop()
         pending = self._inflight.get(slot)
         if pending is None or pending.get_loop() is not loop:
+            self._metrics.secret_cache("miss")
             pending = loop.create_task(self._load(mount, path))
             self._inflight[slot] = pending
             pending.add_done_callback(lambda done: self._forget(slot, done))
+        else:
+            self._metrics.secret_cache("shared")
         # shield: one caller giving up must not cancel the read the others are waiting on.
         return await asyncio.shield(pending)
 

@@ -488,9 +488,12 @@ def test_agent_headers_never_reach_the_upstream(env: Env, hostile: HostileServer
         assert value not in json.dumps(got), f"agent header value {value!r} reached upstream"
     allowed = {
         "host", "authorization", "accept", "accept-encoding", "user-agent",
-        "content-type", "content-length",
+        "content-type", "content-length", "traceparent",
     }  # fmt: skip
     assert set(got) <= allowed, set(got) - allowed
+    # The broker's own traceparent: the agent's trace continues, under the broker's span.
+    assert got["traceparent"].split("-")[1] == "0af7651916cd43dd8448eb211c80319c"
+    assert "b7ad6b7169203331" not in got["traceparent"]
     assert hostile.app.seen[-1]["method"] == "POST"
 
 

@@ -1,0 +1,177 @@
+"""Prometheus metrics: the only module that imports prometheus_client.
+
+``PrometheusMetrics`` implements the ``Metrics`` port (ports.py) on a ``CollectorRegistry`` of
+its own (one per broker: several brokers in one process never share or clash), rendered by
+``GET /metrics`` in the text exposition format. ``MeteredAuditLog`` wraps the audit log port to
+count every record written or refused, whoever wrote it (pipeline, admin, API).
+
+Labels are bounded: capability names (registered ones only; ``(none)`` when the call never
+reached a capability), fixed enums, error codes and audit kinds (both fixed in the code). No
+agent id (agents are created at will, one series each would be unbounded), no argument value,
+no secret, no path.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client.exposition import generate_latest
+
+from broker.ports import AuditEvent, AuditLog, AuditQuery, Metrics
+
+STAGES = ("authenticate", "decide", "secrets", "upstream", "audit", "total")
+DECISIONS = ("allow", "deny", "none")
+OUTCOMES = ("succeeded", "upstream_error", "failed", "refused")
+CACHE_RESULTS = ("hit", "miss", "shared")
+NO_CAPABILITY = "(none)"
+OTHER = "other"
+# Seconds: a token check takes well under a millisecond, an upstream up to the manifest's timeout.
+BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+_CAPABILITY = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,127}$")  # capabilities.NAME_RE, length-capped
+_CODE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_KIND = re.compile(r"^[a-z][a-z0-9_.]{0,63}$")
+
+
+def _enum(value: str, allowed: tuple[str, ...]) -> str:
+    return value if value in allowed else OTHER
+
+
+def _match(value: str, pattern: re.Pattern[str], default: str = OTHER) -> str:
+    return value if pattern.match(value) else default
+
+
+class PrometheusMetrics:
+    """The Metrics port on a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self._calls = Counter(
+            "broker_calls",
+            "Capability invocations by capability, policy decision, outcome and error code.",
+            ["capability", "decision", "outcome", "code"],
+            registry=r,
+        )
+        self._stages = Histogram(
+            "broker_stage_duration_seconds",
+            "Time spent per pipeline stage (total: the whole invoke).",
+            ["stage"],
+            buckets=BUCKETS,
+            registry=r,
+        )
+        self._cache = Counter(
+            "broker_secret_cache_lookups",
+            "Secret reads by cache result: hit, miss (read from Vault), shared (joined a read"
+            " in flight).",
+            ["result"],
+            registry=r,
+        )
+        self._spend = Counter(
+            "broker_budget_spend",
+            "Cost (the manifest's limits.cost) of succeeded calls, per capability.",
+            ["capability"],
+            registry=r,
+        )
+        self._audit_written = Counter(
+            "broker_audit_records",
+            "Audit records durably written, by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self._audit_failed = Counter(
+            "broker_audit_failures",
+            "Audit records that could not be written, by kind.",
+            ["kind"],
+            registry=r,
+        )
+        # Known series exist from the start, so rates and absent-series alerts work at once.
+        for stage in STAGES:
+            self._stages.labels(stage)
+        for result in CACHE_RESULTS:
+            self._cache.labels(result)
+
+    def call(self, capability: str | None, decision: str, outcome: str, code: str) -> None:
+        self._calls.labels(
+            _match(capability, _CAPABILITY) if capability else NO_CAPABILITY,
+            _enum(decision, DECISIONS),
+            _enum(outcome, OUTCOMES),
+            _match(code, _CODE) if code else "",
+        ).inc()
+
+    def stage(self, stage: str, seconds: float) -> None:
+        self._stages.labels(_enum(stage, STAGES)).observe(max(seconds, 0.0))
+
+    def spend(self, capability: str, cost: float) -> None:
+        if cost > 0:
+            self._spend.labels(_match(capability, _CAPABILITY)).inc(cost)
+
+    def secret_cache(self, result: str) -> None:
+        self._cache.labels(_enum(result, CACHE_RESULTS)).inc()
+
+    def audit(self, kind: str, *, ok: bool) -> None:
+        counter = self._audit_written if ok else self._audit_failed
+        counter.labels(_match(kind, _KIND)).inc()
+
+    def exposition(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class MeteredAuditLog:
+    """The AuditLog port, counting each append as written or failed (by kind)."""
+
+    def __init__(self, inner: AuditLog, metrics: Metrics) -> None:
+        self.inner = inner
+        self._metrics = metrics
+
+    async def append(self, event: AuditEvent) -> int:
+        try:
+            seq = await self.inner.append(event)
+        except Exception:
+            self._metrics.audit(event.kind, ok=False)
+            raise
+        self._metrics.audit(event.kind, ok=True)
+        return seq
+
+    async def start(self) -> int:
+        return await self.inner.start()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def query(self, q: AuditQuery) -> tuple[list[dict[str, Any]], str | None]:
+        return await self.inner.query(q)
+
+    async def ready(self) -> bool:
+        return await self.inner.ready()
+
+    async def verify(self) -> dict[str, Any]:
+        return await self.inner.verify()
+
+    def export(self) -> Iterator[dict[str, Any]]:
+        return self.inner.export()
+
+    def hmac_all(self, value: Any) -> list[str]:
+        return self.inner.hmac_all(value)
+
+    def rotate_hmac_key(self) -> str:
+        return self.inner.rotate_hmac_key()
