@@ -25,7 +25,7 @@ import pytest
 
 from broker.devserver import DevVault
 from tests.support.brokers import RunningBroker, start_broker
-from tests.support.upstreams import Receive, RunningUpstream, Scope, Send, ServerThread
+from tests.support.upstreams import Receive, RunningUpstream, Scope, Send, ServerThread, _read_body
 
 SECRET = "tk-9f/Q+zX=w&v?Lr7"  # url-encodes, base64s, JSON- and HTML-escapes in telling ways
 
@@ -230,7 +230,7 @@ class Hostile:
             return
 
     async def r_echo(self, scope: Scope, receive: Receive, send: Send, cred: str) -> None:
-        body = await _read_all(receive)
+        body = await _read_body(receive)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         out = {
             "method": scope["method"],
@@ -238,18 +238,6 @@ class Hostile:
             "body": body.decode("utf-8", "replace"),
         }
         await _send(send, 200, json.dumps(out).encode(), "application/json")
-
-
-async def _read_all(receive: Receive) -> bytes:
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            break
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body"):
-            break
-    return b"".join(chunks)
 
 
 async def _until_disconnect(receive: Receive) -> None:
