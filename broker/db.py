@@ -129,6 +129,64 @@ audit_checkpoints = Table(
     Column("signature", Text, nullable=False),
 )
 
+# One row per (agent, capability, Idempotency-Key): the first call's fingerprint and, once it
+# ended, the response that every later repeat replays.
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("agent_id", String(64), primary_key=True),
+    Column("capability", String(128), primary_key=True),
+    Column("key", String(256), primary_key=True),
+    Column("fingerprint", String(64), nullable=False),
+    Column("call_id", String(64), nullable=False),
+    Column("state", String(16), nullable=False),  # in_flight | done
+    Column("http_status", Integer, nullable=True),
+    Column("response", Text, nullable=True),  # the JSON body that is replayed
+    Column("created_at", String(32), nullable=False),
+    Column("expires_at", String(32), nullable=False, index=True),
+)
+
+# Calls that outlive their request: asynchronous jobs and calls waiting for an approval.
+calls = Table(
+    "calls",
+    metadata,
+    Column("call_id", String(64), primary_key=True),
+    Column("agent_id", String(64), nullable=False, index=True),
+    Column("capability", String(128), nullable=False),
+    Column("capability_version", Integer, nullable=True),
+    Column("args", Text, nullable=False),
+    Column("args_hash", String(64), nullable=False),
+    Column("task_id", String(128), nullable=True),
+    Column("trace_id", String(64), nullable=True),
+    Column("idempotency_key", String(256), nullable=True),
+    # approval_pending | queued | running | succeeded | failed | denied | expired | cancelled
+    # | outcome_unknown
+    Column("state", String(24), nullable=False, index=True),
+    Column("approval_id", String(64), nullable=True),
+    Column("http_status", Integer, nullable=True),
+    Column("response", Text, nullable=True),
+    Column("created_at", String(32), nullable=False),
+    Column("updated_at", String(32), nullable=False),
+)
+
+approvals = Table(
+    "approvals",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("call_id", String(64), nullable=False, unique=True),
+    Column("agent_id", String(64), nullable=False, index=True),
+    Column("capability", String(128), nullable=False),
+    Column("args_hash", String(64), nullable=False),
+    # pending | approved | denied | expired | cancelled
+    Column("status", String(16), nullable=False, index=True),
+    Column("approver", String(64), nullable=True),
+    Column("reason", Text, nullable=True),
+    Column("created_at", String(32), nullable=False),
+    Column("expires_at", String(32), nullable=False),
+    Column("decided_at", String(32), nullable=True),
+    Column("used_at", String(32), nullable=True),
+)
+
 
 def utcnow() -> str:
     """Timestamps are fixed-width ISO 8601 UTC text: they sort and compare the same everywhere.

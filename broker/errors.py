@@ -6,6 +6,7 @@ Foreign exceptions (hvac, SQLAlchemy, aiohttp, casbin) are translated once, at t
 
     BrokerError (500 internal_error)
     ├── InvalidRequest (400 invalid_request)
+    │   └── InvalidIdempotencyKey (400 invalid_idempotency_key)
     ├── Unauthenticated (401 unauthenticated)
     ├── BudgetExhausted (402 budget_exhausted)
     ├── Forbidden (403 forbidden)
@@ -15,17 +16,21 @@ Foreign exceptions (hvac, SQLAlchemy, aiohttp, casbin) are translated once, at t
     │   └── CapabilityNotFound (404 capability_not_found)
     ├── MethodNotAllowed (405 method_not_allowed)
     ├── Conflict (409 conflict)
+    │   └── IdempotencyInFlight (409 idempotency_in_flight)
     ├── RequestTooLarge (413 request_too_large)
     ├── Unprocessable (422 unprocessable)
     │   ├── InvalidArguments (422 invalid_arguments)
-    │   └── InvalidManifest (422 invalid_manifest)
+    │   ├── InvalidManifest (422 invalid_manifest)
+    │   └── IdempotencyKeyReused (422 idempotency_key_reused)
     ├── RateLimited (429 rate_limited)
     ├── UpstreamError (502 upstream_error)
-    │   └── UpstreamResponseTooLarge (502 upstream_response_too_large)
+    │   ├── UpstreamResponseTooLarge (502 upstream_response_too_large)
+    │   └── OutcomeUnknown (502 outcome_unknown)
     ├── Unavailable (503 unavailable)
     │   ├── AuditUnavailable (503 audit_unavailable)
     │   ├── SecretUnavailable (503 secret_unavailable)
-    │   └── StorageUnavailable (503 storage_unavailable)
+    │   ├── StorageUnavailable (503 storage_unavailable)
+    │   └── UpstreamUnavailable (503 upstream_unavailable)
     └── UpstreamTimeout (504 upstream_timeout)
 """
 
@@ -67,6 +72,10 @@ class InvalidRequest(BrokerError):
     status, code, default_message = 400, "invalid_request", "the request is malformed"
 
 
+class InvalidIdempotencyKey(InvalidRequest):
+    code, default_message = "invalid_idempotency_key", "the Idempotency-Key header is malformed"
+
+
 class Unauthenticated(BrokerError):
     status, code, default_message = 401, "unauthenticated", "a valid broker token is required"
 
@@ -103,6 +112,11 @@ class Conflict(BrokerError):
     status, code, default_message = 409, "conflict", "conflict with the current state"
 
 
+class IdempotencyInFlight(Conflict):
+    code = "idempotency_in_flight"
+    default_message = "a call with this Idempotency-Key is still in flight"
+
+
 class RequestTooLarge(BrokerError):
     status, code, default_message = 413, "request_too_large", "the request body is too large"
 
@@ -119,6 +133,11 @@ class InvalidManifest(Unprocessable):
     code, default_message = "invalid_manifest", "the capability manifest is invalid"
 
 
+class IdempotencyKeyReused(Unprocessable):
+    code = "idempotency_key_reused"
+    default_message = "this Idempotency-Key was used with other arguments"
+
+
 class RateLimited(BrokerError):
     status, code, default_message = 429, "rate_limited", "too many calls"
 
@@ -129,6 +148,11 @@ class UpstreamError(BrokerError):
 
 class UpstreamResponseTooLarge(UpstreamError):
     code, default_message = "upstream_response_too_large", "the upstream response is too large"
+
+
+class OutcomeUnknown(UpstreamError):
+    code = "outcome_unknown"
+    default_message = "the call was interrupted; whether the upstream acted is unknown"
 
 
 class Unavailable(BrokerError):
@@ -145,6 +169,11 @@ class SecretUnavailable(Unavailable):
 
 class StorageUnavailable(Unavailable):
     code, default_message = "storage_unavailable", "the broker's storage is unavailable"
+
+
+class UpstreamUnavailable(Unavailable):
+    code = "upstream_unavailable"
+    default_message = "the upstream is failing; its circuit breaker is open"
 
 
 class UpstreamTimeout(BrokerError):

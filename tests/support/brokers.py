@@ -30,19 +30,12 @@ POSTGRES_URL = os.environ.get("BROKER_TEST_POSTGRES_URL")
 
 
 def reset_postgres(url: str) -> None:
+    """Drop every table (new tables included) so each test starts from an empty database."""
     engine = sa.create_engine(url)
     with engine.begin() as conn:
-        for table in (
-            "audit_checkpoints",
-            "audit_events",
-            "policies",
-            "role_grants",
-            "tokens",
-            "agents",
-            "capabilities",
-            "alembic_version",
-        ):
-            conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table} CASCADE")
+        names = sa.inspect(conn).get_table_names()
+        for table in names:
+            conn.exec_driver_sql(f'DROP TABLE IF EXISTS "{table}" CASCADE')
     engine.dispose()
 
 
