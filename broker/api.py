@@ -241,6 +241,7 @@ def _capability_routes(app: FastAPI, broker: Broker) -> None:
         "/v1/capabilities/{name}/invoke",
         tags=["calls"],
         response_model=models.InvokeOut,
+        response_model_exclude_unset=True,
         openapi_extra={
             "requestBody": {
                 "content": {"application/json": {"schema": models.InvokeIn.model_json_schema()}}
@@ -266,6 +267,8 @@ def _capability_routes(app: FastAPI, broker: Broker) -> None:
                 traceparent=traceparent,
             )
         )
+        if result.replayed:
+            return JSONResponse(result.to_dict(), headers={"Idempotent-Replayed": "true"})
         return result.to_dict()
 
 

@@ -14,6 +14,7 @@ from broker.config import Settings
 from broker.db import make_engine, migrate
 from broker.errors import BrokerError
 from broker.guards import LocalGuards
+from broker.idempotency import SqlIdempotencyStore
 from broker.identity import SqlDirectory
 from broker.keyring import AuditKeys
 from broker.metrics import MeteredAuditLog, PrometheusMetrics
@@ -60,6 +61,9 @@ def build_broker(settings: Settings, *, tracer: Tracer | None = None) -> Broker:
         upstream=HttpUpstream(egress_allow=settings.egress_allow, tracer=tracer),
         guards=LocalGuards(),
         audit=MeteredAuditLog(_audit_log(engine, settings), metrics),
+        idempotency=SqlIdempotencyStore(
+            engine, owner=settings.audit_chain_id, retention=settings.idempotency_retention
+        ),
         max_response_bytes=settings.max_response_bytes,
         tracer=tracer,
         metrics=metrics,

@@ -137,6 +137,7 @@ idempotency_keys = Table(
     Column("agent_id", String(64), primary_key=True),
     Column("capability", String(128), primary_key=True),
     Column("key", String(256), primary_key=True),
+    Column("owner", String(64), nullable=False),  # the audit chain id of the claiming instance
     Column("fingerprint", String(64), nullable=False),
     Column("call_id", String(64), nullable=False),
     Column("state", String(16), nullable=False),  # in_flight | done

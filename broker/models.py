@@ -145,6 +145,7 @@ class InvokeOut(BaseModel):
     status: str
     result: Any = None
     upstream_status: int | None = None
+    replayed: bool = False  # the stored answer of an earlier call with this Idempotency-Key
 
 
 class AuditPage(BaseModel):

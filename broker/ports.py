@@ -157,6 +157,25 @@ class AuditQuery:
     cursor: str | None = None
 
 
+@dataclass(frozen=True)
+class StoredAnswer:
+    """What an idempotent repeat replays: the HTTP status and JSON body of the first answer."""
+
+    call_id: str
+    http_status: int
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """An Idempotency-Key a call holds; ``answer`` is set when the key had already been used."""
+
+    agent_id: str
+    capability: str
+    key: str
+    answer: StoredAnswer | None = None
+
+
 # --- ports --------------------------------------------------------------------------------
 
 
@@ -239,6 +258,20 @@ class CallSlot(Protocol):
 class Guards(Protocol):
     def admit(self, agent_id: str, cap: Capability) -> CallSlot:
         """Count the call against rate and concurrency limits; raises RateLimited."""
+
+
+class IdempotencyStore(Protocol):
+    async def claim(self, agent_id: str, capability: str, key: str, fp: str, call_id: str) -> Claim:
+        """Claim the key or return its stored answer; IdempotencyInFlight (409) while the
+        first call runs, IdempotencyKeyReused (422) for other arguments."""
+
+    async def complete(self, claim: Claim, http_status: int, body: dict[str, Any]) -> None: ...
+
+    async def release(self, claim: Claim) -> None:
+        """Forget a claim whose call was refused before anything was executed."""
+
+    async def dangling(self) -> list[Claim]:
+        """Claims this instance left in flight (after a crash); answer.call_id is the call."""
 
 
 class CapabilityRegistry(Protocol):

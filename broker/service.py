@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import hashlib
 import json
 import logging
 import re
@@ -25,9 +26,12 @@ from broker.errors import BrokerError
 from broker.ports import (
     AuditEvent,
     AuditLog,
+    AuditQuery,
     CapabilityRegistry,
+    Claim,
     Directory,
     Guards,
+    IdempotencyStore,
     Metrics,
     NoMetrics,
     NoTracer,
@@ -38,6 +42,7 @@ from broker.ports import (
     SecretValue,
     Span,
     SpanValue,
+    StoredAnswer,
     Tracer,
     Upstream,
     UpstreamResponse,
@@ -51,6 +56,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("broker.calls")
 
 SAFE_PATH_VALUE = re.compile(r"^[A-Za-z0-9_.@-]+$")
+IDEMPOTENCY_KEY_MAX = 255
 HEADER_TOKEN = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 
 
@@ -71,14 +77,18 @@ class InvokeResult:
     status: str
     result: Any
     upstream_status: int | None
+    replayed: bool = False  # the stored answer of an earlier call with the same Idempotency-Key
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "call_id": self.call_id,
             "status": self.status,
             "result": self.result,
             "upstream_status": self.upstream_status,
         }
+        if self.replayed:
+            out["replayed"] = True
+        return out
 
 
 @dataclass
@@ -93,6 +103,10 @@ class Call:
     rule: str | None = None
     decision: str | None = None  # allow | deny once the policy has spoken
     started: bool = False  # call.started is on record
+    sent: bool = False  # the request went to the upstream: its outcome is worth keeping
+    claim: Claim | None = None  # the Idempotency-Key this call holds
+    key: str | None = None  # the Idempotency-Key, once it parsed
+    task_id: str | None = None  # X-Broker-Task, once it parsed
     trace_id: str | None = None  # the trace of this call (the caller's or the broker's own)
 
     def event(self, kind: str, **fields: Any) -> AuditEvent:
@@ -104,9 +118,9 @@ class Call:
             capability=cap.name if cap else self.request.capability,
             capability_version=cap.version if cap else None,
             rule=self.rule,
-            task_id=self.request.task_id,
+            task_id=self.task_id,
             trace_id=self.trace_id or self.request.trace_id,
-            idempotency_key=self.request.idempotency_key,
+            idempotency_key=self.key,
             sensitive=cap.sensitive_args() if cap else (),
             **fields,
         )
@@ -128,6 +142,7 @@ class Broker:
         upstream: Upstream,
         guards: Guards,
         audit: AuditLog,
+        idempotency: IdempotencyStore,
         max_response_bytes: int,
         tracer: Tracer | None = None,
         metrics: Metrics | None = None,
@@ -140,6 +155,7 @@ class Broker:
         self.upstream = upstream
         self.guards = guards
         self.audit = audit
+        self.idempotency = idempotency
         self.max_response_bytes = max_response_bytes
         self.tracer: Tracer = tracer or NoTracer()
         self.metrics: Metrics = metrics or NoMetrics()
@@ -150,6 +166,7 @@ class Broker:
         abandoned = await self.audit.start()
         if abandoned:
             log.warning("%d calls were left open by a crash: recorded call.abandoned", abandoned)
+        await self._resolve_dangling_keys()
         for hook in self.on_start:
             await hook()
 
@@ -197,7 +214,10 @@ class Broker:
         try:
             await self._admit(call)
             assert call.cap is not None and call.principal is not None
-            slot = self.guards.admit(call.principal.agent_id, call.cap)
+            call.claim = await self._claim(call)
+            answer = call.claim.answer if call.claim is not None else None
+            if answer is None:
+                slot = self.guards.admit(call.principal.agent_id, call.cap)
         except Exception as exc:
             # Nothing has run yet; whatever stopped the call, it is refused and audited.
             err = exc if isinstance(exc, BrokerError) else BrokerError()
@@ -207,12 +227,21 @@ class Broker:
                 )
             await self._refuse(call, err)
             raise err from None
+        if answer is not None:
+            call.claim = None  # a replay neither completes nor releases the key
+            return await self._replay(call, answer)
         with slot:
-            await self._record_or_refuse(
-                call, call.event("call.started", decision="allow", args=call.args)
-            )
-            call.started = True
-            return await self._execute(call, call.cap, call.principal)
+            try:
+                await self._record_or_refuse(
+                    call, call.event("call.started", decision="allow", args=call.args)
+                )
+                call.started = True
+                result = await self._execute(call, call.cap, call.principal)
+            except BrokerError as err:
+                await self._settle_key(call, err)
+                raise
+            await self._settle_key(call, result)
+            return result
 
     def _account(self, call: Call, span: Span, end: InvokeResult | Exception) -> None:
         """Metrics and root-span attributes of one finished invoke: names and codes only."""
@@ -252,7 +281,14 @@ class Broker:
 
     async def _admit(self, call: Call) -> None:
         req = call.request
-        _check_header_values(req)
+        # Only well-formed header values reach the audit record (and its bounded columns).
+        if req.idempotency_key is not None:
+            call.key = parse_idempotency_key(req.idempotency_key)
+        if req.task_id is not None and not HEADER_TOKEN.match(req.task_id):
+            raise errors.InvalidRequest(
+                "X-Broker-Task must be 1-128 characters of [A-Za-z0-9._:/+=-]"
+            )
+        call.task_id = req.task_id
         with self._stage("authenticate") as span:
             call.principal = await self.authenticate(req.token)
             span.set(agent_id=call.principal.agent_id)
@@ -282,6 +318,7 @@ class Broker:
 
     async def _refuse(self, call: Call, exc: BrokerError) -> None:
         exc.call_id = call.call_id
+        await self._settle_key(call, exc)
         kind = "call.denied" if isinstance(exc, errors.PolicyDenied) else "call.rejected"
         event = call.event(
             kind, decision="deny", reason=exc.code, args=call.args, detail={"message": exc.message}
@@ -326,6 +363,7 @@ class Broker:
             values = dict(zip(referenced_names(cap), (s.value for s in resolved), strict=True))
             request = _render_with_secrets(cap, call.args, values, who.agent_id)
             limit = cap.http.max_response_bytes or self.max_response_bytes
+            call.sent = True
             with self._stage("upstream", kind="client", http_method=request.method) as span:
                 # The upstream adds this span's traceparent to the request (upstream.py).
                 response = await self.upstream.send(
@@ -386,6 +424,75 @@ class Broker:
             exc.call_id = call.call_id
             exc.message = "the call ran but its outcome could not be recorded"
             raise
+
+    # -- idempotency keys (invariant 6) ----------------------------------------------------
+
+    async def _claim(self, call: Call) -> Claim | None:
+        key = call.key
+        if key is None:
+            return None
+        assert call.principal is not None and call.cap is not None
+        with self._stage("idempotency"):
+            return await self.idempotency.claim(
+                call.principal.agent_id, call.cap.name, key, fingerprint(call.args), call.call_id
+            )
+
+    async def _replay(self, call: Call, answer: StoredAnswer) -> InvokeResult:
+        """Answer a repeat with the first call's stored answer; nothing is executed again."""
+        event = call.event(
+            "call.replayed",
+            decision="allow",
+            args=call.args,
+            detail={"replay_of": answer.call_id, "http_status": answer.http_status},
+        )
+        with self._stage("audit", audit_kind=event.kind):
+            await self.audit.append(event)
+        body = answer.body
+        if "error" in body:
+            stored = body["error"]
+            err = errors.error_class_for(str(stored.get("code")))(
+                str(stored.get("message")),
+                call_id=answer.call_id,
+                details={"replayed": True},
+                headers={"Idempotent-Replayed": "true"},
+            )
+            err.audited = True
+            raise err
+        return InvokeResult(
+            answer.call_id, body["status"], body["result"], body["upstream_status"], replayed=True
+        )
+
+    async def _settle_key(self, call: Call, end: InvokeResult | BrokerError) -> None:
+        """Keep the answer of a call that reached the upstream; forget the key otherwise."""
+        claim, call.claim = call.claim, None
+        if claim is None:
+            return
+        try:
+            if isinstance(end, InvokeResult):
+                await self.idempotency.complete(claim, 200, end.to_dict())
+            elif call.sent:
+                body = end.to_dict()
+                body["error"]["call_id"] = call.call_id
+                await self.idempotency.complete(claim, end.status, body)
+            else:
+                await self.idempotency.release(claim)
+        except BrokerError as exc:
+            # The key stays in flight; the owner resolves it at its next start.
+            log.error("call %s: idempotency key not settled (%s)", call.call_id, exc.code)
+
+    async def _resolve_dangling_keys(self) -> None:
+        """Keys a crash left in flight: released if the call never started, else kept with
+        ``outcome_unknown`` (whether the upstream acted cannot be known)."""
+        for claim in await self.idempotency.dangling():
+            call_id = claim.answer.call_id if claim.answer else ""
+            found, _ = await self.audit.query(
+                AuditQuery(call_id=call_id, kind="call.started", limit=1)
+            )
+            if not found:
+                await self.idempotency.release(claim)
+                continue
+            err = errors.OutcomeUnknown(call_id=call_id)
+            await self.idempotency.complete(claim, err.status, err.to_dict())
 
     async def _resolve_secrets(self, cap: Capability, who: Principal) -> list[SecretValue]:
         names = referenced_names(cap)
@@ -462,10 +569,28 @@ def _parse_args(body: bytes) -> Any:
     return args
 
 
-def _check_header_values(req: InvokeRequest) -> None:
-    for name, value in (("Idempotency-Key", req.idempotency_key), ("X-Broker-Task", req.task_id)):
-        if value is not None and not HEADER_TOKEN.match(value):
-            raise errors.InvalidRequest(f"{name} must be 1-128 characters of [A-Za-z0-9._:/+=-]")
+def parse_idempotency_key(raw: str) -> str:
+    """The key: 1-255 visible ASCII characters, bare or as a structured-field string.
+
+    The IETF draft sends the key as an sf-string (``"8e03..."``); clients such as Stripe's send
+    it bare. Both are accepted and mean the same key; anything else is malformed (400).
+    """
+    value = raw.strip()
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        value = value[1:-1]
+    if not 1 <= len(value) <= IDEMPOTENCY_KEY_MAX or not all(0x21 <= ord(c) <= 0x7E for c in value):
+        raise errors.InvalidIdempotencyKey(
+            f"Idempotency-Key must be 1-{IDEMPOTENCY_KEY_MAX} visible ASCII characters"
+        )
+    if '"' in value or "\\" in value:
+        raise errors.InvalidIdempotencyKey("Idempotency-Key must not contain quotes or backslashes")
+    return value
+
+
+def fingerprint(args: Any) -> str:
+    """SHA-256 of the canonical JSON of the arguments: key order and spacing do not matter."""
+    canonical = json.dumps(args, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def shape(cap: Capability, response: UpstreamResponse, redactor: Redactor) -> tuple[str, Any, int]:

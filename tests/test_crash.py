@@ -90,6 +90,25 @@ class BrokerProcess:
             self.proc.wait(15)
 
 
+def broker_process(
+    openbao: DevVault, database_url: str, tmp_path: Path
+) -> tuple[BrokerProcess, str]:
+    """A broker process (not started) on a free port, and its admin token."""
+    port, admin = free_port(), "adm_" + secrets.token_urlsafe(16)
+    env = {
+        **os.environ,
+        "BROKER_PORT": str(port),
+        "BROKER_DATA_DIR": str(tmp_path / "data"),
+        "BROKER_DATABASE_URL": database_url,
+        "BROKER_VAULT_ADDR": openbao.addr,
+        "BROKER_VAULT_TOKEN": openbao.root_token,
+        "BROKER_BOOTSTRAP_ADMIN_TOKEN": admin,
+        "BROKER_EGRESS_ALLOW": "127.0.0.1/32",
+        "BROKER_LOG_LEVEL": "warning",
+    }
+    return BrokerProcess(env, port), admin
+
+
 def hammer(
     url: str, token: str, stop: threading.Event, answered: dict[str, str], sent: list[str], n: int
 ) -> None:
@@ -113,20 +132,8 @@ def hammer(
 
 def test_sigkill_during_calls(openbao: DevVault, database_url: str, tmp_path: Path) -> None:
     recorder = SlowRecorder()
-    port, admin = free_port(), "adm_" + secrets.token_urlsafe(16)
-    env = {
-        **os.environ,
-        "BROKER_PORT": str(port),
-        "BROKER_DATA_DIR": str(tmp_path / "data"),
-        "BROKER_DATABASE_URL": database_url,
-        "BROKER_VAULT_ADDR": openbao.addr,
-        "BROKER_VAULT_TOKEN": openbao.root_token,
-        "BROKER_BOOTSTRAP_ADMIN_TOKEN": admin,
-        "BROKER_EGRESS_ALLOW": "127.0.0.1/32",
-        "BROKER_LOG_LEVEL": "warning",
-    }
+    broker, admin = broker_process(openbao, database_url, tmp_path)
     write_secret(openbao, "tests/echo", {"token": "crash-test-credential"})
-    broker = BrokerProcess(env, port)
     answered: dict[str, str] = {}
     abandoned = 0
     with ServerThread(recorder) as upstream:

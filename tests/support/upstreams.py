@@ -93,6 +93,7 @@ class RecordingUpstream:
     """A plain ASGI app that records every request and answers according to the path.
 
     /echo[/...]       JSON of what it got: method, path (raw), query, headers, json
+    /delay?ms=N       the same as /echo, after N milliseconds
     /redirect?to=URL  302 to URL
     /slow-drip        one byte every 100 ms for a minute (stops when the client goes away)
     /big?n=N          N bytes with Content-Length; add &chunked=1 to stream without it
@@ -134,6 +135,9 @@ class RecordingUpstream:
         self, path: str, params: dict[str, str], rec: Recorded, receive: Receive, send: Send
     ) -> None:
         if path == "/echo" or path.startswith("/echo/"):
+            await _send_json(send, 200, _echo(rec))
+        elif path == "/delay":
+            await asyncio.sleep(int(params.get("ms", "0")) / 1000)
             await _send_json(send, 200, _echo(rec))
         elif path == "/redirect":
             await _send(send, 302, b"", [(b"location", params.get("to", "/").encode())])

@@ -22,6 +22,7 @@ def upgrade() -> None:
         sa.Column("agent_id", sa.String(64), primary_key=True),
         sa.Column("capability", sa.String(128), primary_key=True),
         sa.Column("key", sa.String(256), primary_key=True),
+        sa.Column("owner", sa.String(64), nullable=False),
         sa.Column("fingerprint", sa.String(64), nullable=False),
         sa.Column("call_id", sa.String(64), nullable=False),
         sa.Column("state", sa.String(16), nullable=False),
