@@ -82,6 +82,9 @@ class HttpSpec(BaseModel):
     json_body: Any = Field(default=None, alias="json")
     timeout: float = 10.0
     max_response_bytes: int | None = Field(default=None, gt=0)
+    # The header that carries the call's Idempotency-Key (or, without one, its call id) to the
+    # upstream, for APIs that deduplicate on their own (Stripe's Idempotency-Key, for example).
+    idempotency_header: str | None = None
 
     @field_validator("method", mode="before")
     @classmethod
@@ -104,6 +107,20 @@ class HttpSpec(BaseModel):
             for key, value in parse_query_template(query).items():
                 self.query.setdefault(key, value)
             self.url = base
+        return self
+
+    @field_validator("idempotency_header")
+    @classmethod
+    def _idempotency_header(cls, v: str | None) -> str | None:
+        if v is not None and (not HEADER_NAME_RE.match(v) or v.lower() in RESERVED_HEADERS):
+            raise ValueError(f"idempotency_header {v!r} is not a header the manifest may set")
+        return v
+
+    @model_validator(mode="after")
+    def _idempotency_header_unique(self) -> HttpSpec:
+        name = (self.idempotency_header or "").lower()
+        if name and name in {h.lower() for h in self.headers}:
+            raise ValueError(f"header {self.idempotency_header!r} is set twice")
         return self
 
     @field_validator("headers")

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from broker import errors
@@ -362,6 +362,10 @@ class Broker:
             redactor = Redactor([s.value for s in resolved])
             values = dict(zip(referenced_names(cap), (s.value for s in resolved), strict=True))
             request = _render_with_secrets(cap, call.args, values, who.agent_id)
+            if cap.http.idempotency_header:
+                # The upstream can deduplicate too: the agent's key, else this call's id.
+                header = (cap.http.idempotency_header, call.key or call.call_id)
+                request = replace(request, headers=(*request.headers, header))
             limit = cap.http.max_response_bytes or self.max_response_bytes
             call.sent = True
             with self._stage("upstream", kind="client", http_method=request.method) as span:

@@ -296,3 +296,30 @@ def test_a_key_in_flight_at_a_crash_replays_outcome_unknown(
             assert len(app.requests) == 1  # never sent again
         finally:
             broker.stop()
+
+
+def test_a_capability_passes_the_key_upstream_in_its_declared_header(
+    setup: RunningBroker, upstream: RunningUpstream
+) -> None:
+    setup.admin.put_capability(
+        cap(upstream.url, "test.keyed", "/echo", idempotency_header="Idempotency-Key")
+    )
+    http = setup.http(setup.agent("alice", ["tester"]))
+    r = post(http, '"order-77"', {"message": "x"}, "test.keyed")
+    assert r.status_code == 200
+    assert upstream.requests[-1].header("idempotency-key") == "order-77"
+    r = post(http, None, {"message": "x"}, "test.keyed")
+    assert upstream.requests[-1].header("idempotency-key") == r.json()["call_id"]
+    # Without the declaration the key stays with the broker.
+    post(http, "private-key", {"message": "x"})
+    assert upstream.requests[-1].header("idempotency-key") is None
+
+
+@pytest.mark.parametrize("header", ["Host", "Bad Header", "Authorization"])
+def test_the_idempotency_header_cannot_clash(
+    setup: RunningBroker, upstream: RunningUpstream, header: str
+) -> None:
+    manifest = cap(upstream.url, "test.clash", "/echo", idempotency_header=header)
+    r = setup.http(setup.admin_token).put("/v1/capabilities/test.clash", json=manifest)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "invalid_manifest"
