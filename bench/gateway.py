@@ -1,0 +1,393 @@
+"""The broker against two fixed references, under closed-loop keep-alive load. Numbers, not a test.
+
+Starts, on loopback, each in its own process: a minimal upstream (uvicorn), OpenBao (dev, with a
+counting relay in front of it), the broker (`broker serve`, SQLite, every
+audit record durable before the reply), and a bare pass-through proxy (a plain ASGI app on
+uvicorn forwarding with aiohttp and adding the same Authorization header, no broker logic).
+
+Then drives, alternating the targets round by round: the upstream directly, the proxy and the
+broker, at concurrency 1 and 16, with a closed-loop load generator (each worker sends its next
+request when the last answer arrived, over one keep-alive connection). It prints p50/p99 latency
+and calls/s per target, the broker's added latency over the direct call and its throughput
+relative to the proxy, and how many Vault requests the broker made in the steady state. With
+--micro it also runs bench/policy.py and bench/audit.py (decision and audit micro-benchmarks).
+Results go to a JSON file as well.
+
+    python bench/gateway.py [--seconds 2] [--rounds 3] [--json bench-results.json] [--micro]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httpx
+
+HERE = Path(__file__).resolve().parent
+SECRET = "bench-secret-value"
+BODY = b'{"ok":true,"items":[1,2,3]}'
+
+
+# --- the two reference servers (run in child processes) -----------------------------------
+
+
+async def upstream_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """The minimal upstream: a small JSON answer, whatever the request."""
+    if scope["type"] == "lifespan":
+        await _lifespan(receive, send)
+        return
+    await _drain(receive)
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(BODY))]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": BODY})
+
+
+def proxy_app(upstream: str) -> Callable[..., Awaitable[None]]:
+    """The bare pass-through proxy: forward with aiohttp (keep-alive pool), add the credential."""
+    state: dict[str, aiohttp.ClientSession] = {}
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send, state)
+            return
+        await _drain(receive)
+        session = state.get("session") or state.setdefault("session", aiohttp.ClientSession())
+        async with session.get(upstream, headers={"Authorization": f"Bearer {SECRET}"}) as resp:
+            body = await resp.read()
+            status = resp.status
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+async def _drain(receive: Any) -> None:
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body"):
+            return
+
+
+async def _lifespan(receive: Any, send: Any, state: dict[str, Any] | None = None) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            if state and "session" in state:
+                await state["session"].close()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def serve(kind: str, port: int, upstream: str) -> None:
+    import uvicorn
+
+    app = upstream_app if kind == "upstream" else proxy_app(upstream)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+# --- processes ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    from broker.devserver import free_port as pick
+
+    return pick()
+
+
+def spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+
+def wait_ready(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+class VaultCounter:
+    """A loopback TCP relay in front of OpenBao that counts the KV reads of the bench secret.
+
+    OpenBao refuses to enable an audit device through its API, so the count is taken on the
+    wire: every request line for the secret's path that passes through the relay.
+    """
+
+    def __init__(self, vault_addr: str) -> None:
+        self.target = vault_addr.removeprefix("http://").rsplit(":", 1)
+        self.reads = 0
+        self.port = free_port()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    @property
+    def addr(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> VaultCounter:
+        self._thread.start()
+        server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._relay, "127.0.0.1", self.port), self._loop
+        )
+        server.result(10)
+        return self
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host, port = self.target
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, count: bool) -> None:
+            while data := await src.read(65536):
+                if count:
+                    self.reads += data.count(b" /v1/secret/data/bench ")
+                dst.write(data)
+                await dst.drain()
+            dst.close()
+
+        await asyncio.gather(
+            pipe(reader, up_writer, True), pipe(up_reader, writer, False), return_exceptions=True
+        )
+
+
+# --- the load generator ---------------------------------------------------------------------
+
+
+class Target:
+    def __init__(self, name: str, method: str, url: str, headers: dict[str, str], body: bytes):
+        self.name, self.method, self.url, self.headers, self.body = name, method, url, headers, body
+
+
+async def drive(target: Target, concurrency: int, seconds: float) -> tuple[list[float], int]:
+    """Closed loop: each worker sends its next request when its last answer arrived."""
+    latencies: list[float] = []
+    errors = 0
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        stop = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            nonlocal errors
+            while time.perf_counter() < stop:
+                start = time.perf_counter()
+                async with session.request(
+                    target.method, target.url, headers=target.headers, data=target.body or None
+                ) as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        errors += 1
+                latencies.append((time.perf_counter() - start) * 1000)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, errors
+
+
+def percentile(samples: list[float], p: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] if ordered else 0.0
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+def start_broker(tmp: Path, vault_addr: str, vault_token: str, upstream: str) -> tuple[Any, str]:
+    from broker.client import BrokerClient
+
+    port, admin = free_port(), "adm_" + secrets.token_urlsafe(16)
+    env = {
+        **os.environ,
+        "BROKER_PORT": str(port),
+        "BROKER_DATA_DIR": str(tmp / "broker"),
+        "BROKER_VAULT_ADDR": vault_addr,
+        "BROKER_VAULT_TOKEN": vault_token,
+        "BROKER_BOOTSTRAP_ADMIN_TOKEN": admin,
+        "BROKER_EGRESS_ALLOW": "127.0.0.1/32",
+        "BROKER_LOG_LEVEL": "warning",
+    }
+    proc = spawn(["-m", "broker.cli", "serve"], env)
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(f"{url}/healthz")
+    with BrokerClient(url, admin) as client:
+        client.put_capability(
+            {
+                "name": "bench.echo",
+                "secrets": {"t": {"path": "bench", "key": "token"}},
+                "http": {
+                    "method": "GET",
+                    "url": upstream,
+                    "headers": {"Authorization": "Bearer {secrets.t}"},
+                },
+            }
+        )
+        client.add_policy("role:bench", "bench.*")
+        token = client.create_agent("bench", ["bench"])["token"]
+    return proc, f"{url}|{token}"
+
+
+def run(options: argparse.Namespace) -> dict[str, Any]:
+    from broker.demo import write_secrets
+    from broker.devserver import DevVault
+
+    procs: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryDirectory() as tmp_name, DevVault() as vault:
+        tmp = Path(tmp_name)
+        try:
+            up_port, proxy_port = free_port(), free_port()
+            upstream = f"http://127.0.0.1:{up_port}/"
+            procs.append(spawn([__file__, "--serve", "upstream", str(up_port), upstream]))
+            procs.append(spawn([__file__, "--serve", "proxy", str(proxy_port), upstream]))
+            wait_ready(upstream)
+            wait_ready(f"http://127.0.0.1:{proxy_port}/")
+            write_secrets(vault.addr, vault.root_token, {"bench": {"token": SECRET}})
+            counter = VaultCounter(vault.addr).start()
+            proc, where = start_broker(tmp, counter.addr, vault.root_token, upstream)
+            procs.append(proc)
+            broker_url, token = where.split("|")
+            invoke = b'{"args":{}}'
+            json_headers = {"Content-Type": "application/json"}
+            targets = [
+                Target("direct", "GET", upstream, {}, b""),
+                Target("proxy", "POST", f"http://127.0.0.1:{proxy_port}/", json_headers, invoke),
+                Target(
+                    "broker",
+                    "POST",
+                    f"{broker_url}/v1/capabilities/bench.echo/invoke",
+                    {**json_headers, "Authorization": f"Bearer {token}"},
+                    invoke,
+                ),
+            ]
+            return asyncio.run(measure(targets, options, counter))
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                p.wait(15)
+
+
+async def measure(
+    targets: list[Target], options: argparse.Namespace, counter: VaultCounter
+) -> dict[str, Any]:
+    samples: dict[tuple[str, int], list[float]] = {}
+    rates: dict[tuple[str, int], list[float]] = {}
+    errors: dict[str, int] = {t.name: 0 for t in targets}
+    for t in targets:  # warm up: connections, caches, the broker's first secret read
+        await drive(t, 4, 0.5)
+    reads_before = counter.reads
+    for _ in range(options.rounds):
+        for concurrency in options.concurrency:
+            for t in targets:
+                lat, err = await drive(t, concurrency, options.seconds)
+                samples.setdefault((t.name, concurrency), []).extend(lat)
+                rates.setdefault((t.name, concurrency), []).append(len(lat) / options.seconds)
+                errors[t.name] += err
+    rows = []
+    for (name, concurrency), lat in samples.items():
+        rows.append(
+            {
+                "target": name,
+                "concurrency": concurrency,
+                "calls": len(lat),
+                "p50_ms": round(statistics.median(lat), 3),
+                "p99_ms": round(percentile(lat, 99), 3),
+                "calls_per_s": round(statistics.median(rates[(name, concurrency)]), 1),
+            }
+        )
+    return {
+        "rows": rows,
+        "errors": errors,
+        "vault_reads_steady_state": counter.reads - reads_before,
+        "vault_reads_warm_up": reads_before,  # at least 1: shows the counter sees the reads
+        "summary": summarise(rows, options.concurrency),
+    }
+
+
+def summarise(rows: list[dict[str, Any]], levels: list[int]) -> dict[str, float]:
+    at = {(r["target"], r["concurrency"]): r for r in rows}
+    low = min(levels)
+
+    def added(target: str, key: str) -> float:
+        return round(at[target, low][key] - at["direct", low][key], 3)
+
+    out = {
+        f"added_p50_ms_c{low}": added("broker", "p50_ms"),
+        f"added_p99_ms_c{low}": added("broker", "p99_ms"),
+        f"proxy_added_p50_ms_c{low}": added("proxy", "p50_ms"),
+    }
+    for level in levels:
+        broker, proxy = at["broker", level]["calls_per_s"], at["proxy", level]["calls_per_s"]
+        out[f"broker_over_proxy_throughput_c{level}"] = round(broker / proxy, 3)
+    return out
+
+
+def micro() -> dict[str, Any]:
+    """The decision and audit micro-benchmarks (their last line is JSON)."""
+    out: dict[str, Any] = {}
+    for name, args in (("policy", ["--decisions", "5000", "--repeats", "3"]), ("audit", [])):
+        done = subprocess.run(
+            [sys.executable, str(HERE / f"{name}.py"), *args],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        out[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    return out
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print(f"{'target':8} {'conc':>5} {'calls':>7} {'p50 ms':>8} {'p99 ms':>8} {'calls/s':>9}")
+    for r in sorted(result["rows"], key=lambda r: (r["concurrency"], r["target"])):
+        print(
+            f"{r['target']:8} {r['concurrency']:5} {r['calls']:7} {r['p50_ms']:8.3f}"
+            f" {r['p99_ms']:8.3f} {r['calls_per_s']:9.1f}"
+        )
+    for key, value in result["summary"].items():
+        print(f"{key:38} {value:8.3f}")
+    for key in ("vault_reads_warm_up", "vault_reads_steady_state"):
+        print(f"{key:38} {result[key]:8}")
+    print(f"{'errors':38} {result['errors']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=2.0, help="per target, per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", default="1,16")
+    parser.add_argument("--json", default="bench-results.json")
+    parser.add_argument("--micro", action="store_true", help="also run bench/policy.py, audit.py")
+    parser.add_argument("--serve", nargs=3, metavar=("KIND", "PORT", "UPSTREAM"))
+    options = parser.parse_args()
+    if options.serve:
+        kind, port, upstream = options.serve
+        serve(kind, int(port), upstream)
+        return
+    options.concurrency = [int(c) for c in options.concurrency.split(",")]
+    result = run(options)
+    if options.micro:
+        result["micro"] = micro()
+    print_table(result)
+    Path(options.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"results written to {options.json}")
+
+
+if __name__ == "__main__":
+    main()
