@@ -176,6 +176,7 @@ class VaultCounter:
 class Target:
     def __init__(self, name: str, method: str, url: str, headers: dict[str, str], body: bytes):
         self.name, self.method, self.url, self.headers, self.body = name, method, url, headers, body
+        self.pid: int | None = None  # the serving process, for --profile
 
 
 async def drive(target: Target, concurrency: int, seconds: float) -> tuple[list[float], int]:
@@ -200,6 +201,17 @@ async def drive(target: Target, concurrency: int, seconds: float) -> tuple[list[
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return latencies, errors
+
+
+def profile(
+    options: argparse.Namespace, target: Target, concurrency: int
+) -> subprocess.Popen[bytes] | None:
+    """py-spy on the broker during its run at the highest concurrency (--profile FILE)."""
+    if not options.profile or target.pid is None or concurrency != max(options.concurrency):
+        return None
+    command = ["py-spy", "record", "-p", str(target.pid), "-d", str(max(1, int(options.seconds)))]
+    command += ["-f", "raw", "-r", "250", "-o", options.profile]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def percentile(samples: list[float], p: float) -> float:
@@ -276,6 +288,7 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
                     invoke,
                 ),
             ]
+            targets[-1].pid = proc.pid
             return asyncio.run(measure(targets, options, counter))
         finally:
             for p in procs:
@@ -296,7 +309,11 @@ async def measure(
     for _ in range(options.rounds):
         for concurrency in options.concurrency:
             for t in targets:
+                profiler = profile(options, t, concurrency)
                 lat, err = await drive(t, concurrency, options.seconds)
+                if profiler is not None:
+                    profiler.wait(30)
+                    options.profile = None  # one profile per run
                 samples.setdefault((t.name, concurrency), []).extend(lat)
                 rates.setdefault((t.name, concurrency), []).append(len(lat) / options.seconds)
                 errors[t.name] += err
@@ -374,6 +391,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,16")
     parser.add_argument("--json", default="bench-results.json")
     parser.add_argument("--micro", action="store_true", help="also run bench/policy.py, audit.py")
+    parser.add_argument("--profile", help="py-spy the broker at the top concurrency into FILE")
     parser.add_argument("--serve", nargs=3, metavar=("KIND", "PORT", "UPSTREAM"))
     options = parser.parse_args()
     if options.serve:
