@@ -59,6 +59,7 @@ _HVAC_REASONS: tuple[tuple[type[BaseException], str], ...] = (
 )
 
 _POOL_SIZE = 16  # threads (and pooled connections) that may wait on Vault at once
+REFRESH_AT = 0.8  # share of the cache TTL after which a hit also refreshes the entry
 
 
 class _Unusable(Exception):
@@ -265,6 +266,7 @@ class _Entry:
     data: dict[str, Any]
     version: int | None
     expires: float  # time.monotonic() deadline
+    refresh: float  # from here on, a read also starts a background refresh
 
 
 class VaultSecretStore:
@@ -408,20 +410,29 @@ class VaultSecretStore:
         """The cached entry if fresh, else the result of the (shared) read in flight."""
         slot = (mount, path)
         cached = self._cache.get(slot)
-        if cached is not None and cached.expires > time.monotonic():
+        now = time.monotonic()
+        if cached is not None and cached.expires > now:
             self._metrics.secret_cache("hit")
+            if cached.refresh <= now:
+                # Refresh ahead of expiry so steady traffic never waits for Vault.
+                self._start_load(mount, path)
             return cached
-        loop = asyncio.get_running_loop()
-        pending = self._inflight.get(slot)
-        if pending is None or pending.get_loop() is not loop:
-            self._metrics.secret_cache("miss")
-            pending = loop.create_task(self._load(mount, path))
-            self._inflight[slot] = pending
-            pending.add_done_callback(lambda done: self._forget(slot, done))
-        else:
-            self._metrics.secret_cache("shared")
+        pending, started = self._start_load(mount, path)
+        self._metrics.secret_cache("miss" if started else "shared")
         # shield: one caller giving up must not cancel the read the others are waiting on.
         return await asyncio.shield(pending)
+
+    def _start_load(self, mount: str, path: str) -> tuple[asyncio.Future[_Entry], bool]:
+        """The read in flight for this slot, started if there is none (one read per key)."""
+        slot = (mount, path)
+        loop = asyncio.get_running_loop()
+        pending = self._inflight.get(slot)
+        if pending is not None and pending.get_loop() is loop:
+            return pending, False
+        pending = loop.create_task(self._load(mount, path))
+        self._inflight[slot] = pending
+        pending.add_done_callback(lambda done: self._forget(slot, done))
+        return pending, True
 
     async def _load(self, mount: str, path: str) -> _Entry:
         generation = self._generation
@@ -431,7 +442,8 @@ class VaultSecretStore:
             # Never serve a stale entry after a failure, and do not keep it in memory.
             self._cache.pop((mount, path), None)
             raise
-        entry = _Entry(data, version, time.monotonic() + self._ttl)
+        now = time.monotonic()
+        entry = _Entry(data, version, now + self._ttl, now + self._ttl * REFRESH_AT)
         if self._ttl > 0 and generation == self._generation:
             self._cache[(mount, path)] = entry
         return entry

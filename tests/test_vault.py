@@ -593,3 +593,34 @@ def test_dev_server_start_failure_is_reported_without_secrets() -> None:
             vault.start(timeout=10)
     assert "root-token-not-in-errors" not in str(info.value)
     assert not vault.running
+
+
+def test_a_hit_late_in_the_ttl_refreshes_ahead_of_expiry(
+    openbao: DevVault, stores: list[VaultSecretStore]
+) -> None:
+    """Steady traffic never waits for Vault: past 80% of the TTL a hit also starts one
+    background read, so the entry is renewed (with the newest version) before it expires."""
+    path = unique_path()
+    write_secret(openbao, path, {"token": "v1"})
+    store = CountingStore(url=openbao.addr, token=openbao.root_token, cache_ttl=1.0)
+    stores.append(store)
+
+    async def scenario() -> list[tuple[str, int]]:
+        seen = []
+        start = 0.0
+        for at in (0.0, 0.3, 0.85, 0.95, 1.15):  # seconds after the first read
+            if at:
+                await asyncio.sleep(max(0.0, start + at - time.monotonic()))
+            value = await store.read(MOUNT, path, "token")
+            start = start or time.monotonic()
+            seen.append((value.value, store.reads))
+            if at == 0.3:
+                # Behind the cache's back (write_secret runs its own event loop: a thread).
+                await asyncio.to_thread(write_secret, openbao, path, {"token": "v2"})
+        return seen
+
+    seen = asyncio.run(scenario())
+    # t=0: miss. t=0.5: hit. t=0.85: hit (old value) that starts the refresh. t=0.95: the
+    # refreshed entry, before the first one expired. t=1.15: still the refreshed entry.
+    assert [v for v, _ in seen] == ["v1", "v1", "v1", "v2", "v2"]
+    assert [n for _, n in seen] == [1, 1, 1, 2, 2]
