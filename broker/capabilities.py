@@ -13,7 +13,15 @@ from typing import Any, Literal
 
 import jsonschema
 from jsonschema import Draft202012Validator
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from broker.errors import InvalidArguments, InvalidManifest
 
@@ -170,6 +178,9 @@ class Capability(BaseModel):
     result: ResultSpec = Field(default_factory=ResultSpec)
     limits: Limits = Field(default_factory=Limits)
     approval: Literal["none", "required"] = "none"
+    # Built once per manifest object, not once per call (the registry caches the objects).
+    _validator: Draft202012Validator | None = PrivateAttr(default=None)
+    _sensitive: tuple[str, ...] | None = PrivateAttr(default=None)
 
     @field_validator("name")
     @classmethod
@@ -201,9 +212,9 @@ class Capability(BaseModel):
         """Check the agent's arguments against the input schema (raises InvalidArguments)."""
         if not isinstance(args, dict):
             raise InvalidArguments("args must be a JSON object")
-        errors = sorted(
-            Draft202012Validator(self.input).iter_errors(args), key=lambda e: list(e.path)
-        )
+        if self._validator is None:
+            self._validator = Draft202012Validator(self.input)
+        errors = sorted(self._validator.iter_errors(args), key=lambda e: list(e.path))
         if errors:
             first = errors[0]
             where = "/".join(str(p) for p in first.path) or "(root)"
@@ -212,7 +223,9 @@ class Capability(BaseModel):
 
     def sensitive_args(self) -> tuple[str, ...]:
         """Dotted paths of arguments marked ``x-sensitive: true`` in the input schema."""
-        return tuple(_sensitive_paths(self.input, ""))
+        if self._sensitive is None:
+            self._sensitive = tuple(_sensitive_paths(self.input, ""))
+        return self._sensitive
 
     def public_view(self) -> dict[str, Any]:
         """What an agent may see: no secret references, no upstream details."""

@@ -8,19 +8,32 @@ from __future__ import annotations
 
 import builtins
 import json
+import time
 
 from sqlalchemy import Engine, delete, insert, select, update
 
 from broker import db
 from broker.capabilities import Capability
 
+CACHE_MAX = 10_000
+
 
 class SqlCapabilityRegistry:
-    def __init__(self, engine: Engine) -> None:
+    """``cache_ttl``: how long a looked-up manifest is reused on the invoke path. Changes made
+    through this instance apply at once; other instances sharing the database see them within
+    the TTL."""
+
+    def __init__(self, engine: Engine, *, cache_ttl: float = 1.0) -> None:
         self._engine = engine
+        self._ttl = cache_ttl
+        self._cache: dict[str, tuple[Capability | None, float]] = {}
+        self._generation = 0  # bumped by every change: a read begun before it is not cached
 
     async def put(self, cap: Capability) -> Capability:
-        return await db.run(self._put, cap)
+        try:
+            return await db.run(self._put, cap)
+        finally:
+            self._forget(cap.name)
 
     def _put(self, cap: Capability) -> Capability:
         table = db.capabilities
@@ -52,7 +65,20 @@ class SqlCapabilityRegistry:
             return stored
 
     async def get(self, name: str) -> Capability | None:
-        return await db.run(self._get, name)
+        hit = self._cache.get(name)
+        if hit is not None and hit[1] > time.monotonic():
+            return hit[0]
+        generation = self._generation
+        cap = await db.run(self._get, name)
+        if self._ttl > 0 and generation == self._generation:
+            if len(self._cache) > CACHE_MAX:  # unknown names must not grow it without bound
+                self._cache.clear()
+            self._cache[name] = (cap, time.monotonic() + self._ttl)
+        return cap
+
+    def _forget(self, name: str) -> None:
+        self._generation += 1
+        self._cache.pop(name, None)
 
     def _get(self, name: str) -> Capability | None:
         with self._engine.connect() as conn:
@@ -72,7 +98,10 @@ class SqlCapabilityRegistry:
         return [Capability.model_validate_json(r.manifest) for r in rows]
 
     async def delete(self, name: str) -> bool:
-        return await db.run(self._delete, name)
+        try:
+            return await db.run(self._delete, name)
+        finally:
+            self._forget(name)
 
     def _delete(self, name: str) -> bool:
         with self._engine.begin() as conn:

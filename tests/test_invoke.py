@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import time
 from typing import Any
 from urllib.parse import quote, quote_plus
 
@@ -712,3 +713,24 @@ def test_concurrency_cap_refuses_instead_of_queueing(
     assert second.status_code == 429 and second.json()["error"]["code"] == "rate_limited"
     assert first == [504]  # the first one ran (to its deadline)
     assert invoke(setup, token, {"message": "m"}, name="test.single").status_code == 504  # freed
+
+
+def test_a_replaced_capability_applies_to_the_next_call(
+    setup: RunningBroker, upstream: RunningUpstream, openbao: Any, database_url: str, tmp_path: Any
+) -> None:
+    """The registry caches manifests on the invoke path: a change through this instance applies
+    at once, and another instance sharing the database sees it within the cache TTL (1 s)."""
+    token = setup.agent("alice", ["tester"])
+    other = start_broker(openbao, database_url, tmp_path / "other", audit_chain_id="other")
+    try:
+        for rb in (setup, other):
+            assert invoke(rb, token, {"message": "a"}).json()["result"]["path"] == "/echo"
+        # (The second instance took over the bootstrap admin token: administer through it.)
+        other.admin.put_capability(echo_manifest(upstream.url + "/echo/v2"))
+        assert invoke(other, token, {"message": "b"}).json()["result"]["path"] == "/echo/v2/echo"
+        time.sleep(1.1)
+        assert invoke(setup, token, {"message": "c"}).json()["result"]["path"] == "/echo/v2/echo"
+        other.admin.delete_capability("test.echo")
+        assert invoke(other, token, {"message": "d"}).status_code == 404
+    finally:
+        other.close()
