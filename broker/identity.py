@@ -3,6 +3,10 @@
 Tokens are 256-bit random values shown once; only their SHA-256 is stored (a salted slow
 hash buys nothing for values with this much entropy, and lookup stays one indexed read).
 The broker accepts only tokens it issued (or the configured bootstrap admin token).
+
+Token lookups on the invoke path are cached for ``token_cache_ttl`` (1 s by default): a change
+made through this instance (revoke, disable, a new fixed token) empties the cache at once;
+other instances sharing the database stop accepting a revoked token within the TTL.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +25,7 @@ from broker import db
 from broker.errors import Conflict
 from broker.ports import AgentRecord, Grant
 
+TOKEN_CACHE_MAX = 10_000
 TOKEN_PREFIX = "cbk_"  # noqa: S105 (a prefix, not a secret)
 
 
@@ -36,8 +42,15 @@ def hash_token(token: str) -> str:
 class SqlDirectory:
     """Agents, tokens and grants in the broker's database."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, token_cache_ttl: float = 1.0) -> None:
         self._engine = engine
+        self._ttl = token_cache_ttl
+        self._tokens: dict[str, tuple[tuple[AgentRecord, str], float]] = {}
+        self._generation = 0  # bumped by every change: a lookup begun before it is not cached
+
+    def _changed(self) -> None:
+        self._generation += 1
+        self._tokens.clear()
 
     # -- agents ---------------------------------------------------------------------------
 
@@ -105,7 +118,10 @@ class SqlDirectory:
         )
 
     async def set_disabled(self, agent_id: str, disabled: bool) -> bool:
-        return await db.run(self._set_disabled, agent_id, disabled)
+        try:
+            return await db.run(self._set_disabled, agent_id, disabled)
+        finally:
+            self._changed()
 
     def _set_disabled(self, agent_id: str, disabled: bool) -> bool:
         with self._engine.begin() as conn:
@@ -122,7 +138,10 @@ class SqlDirectory:
         return token_id, token
 
     async def set_fixed_token(self, agent_id: str, token_id: str, token: str) -> None:
-        await db.run(self._store_token, agent_id, token_id, hash_token(token))
+        try:
+            await db.run(self._store_token, agent_id, token_id, hash_token(token))
+        finally:
+            self._changed()
 
     def _store_token(self, agent_id: str, token_id: str, token_hash: str) -> None:
         with self._engine.begin() as conn:
@@ -136,10 +155,16 @@ class SqlDirectory:
             )
 
     async def revoke_token(self, agent_id: str, token_id: str) -> bool:
-        return bool(await db.run(self._revoke, agent_id, token_id))
+        try:
+            return bool(await db.run(self._revoke, agent_id, token_id))
+        finally:
+            self._changed()
 
     async def revoke_all_tokens(self, agent_id: str) -> int:
-        return await db.run(self._revoke, agent_id, None)
+        try:
+            return await db.run(self._revoke, agent_id, None)
+        finally:
+            self._changed()
 
     def _revoke(self, agent_id: str, token_id: str | None) -> int:
         stmt = update(db.tokens).where(
@@ -151,22 +176,34 @@ class SqlDirectory:
             return int(conn.execute(stmt.values(revoked_at=db.utcnow())).rowcount)
 
     async def find_token(self, token: str) -> tuple[AgentRecord, str] | None:
-        return await db.run(self._find_token, hash_token(token))
+        """The live token's agent (its token list left empty) and token id, or None."""
+        token_hash = hash_token(token)
+        hit = self._tokens.get(token_hash)
+        if hit is not None and hit[1] > time.monotonic():
+            return hit[0]
+        generation = self._generation
+        found = await db.run(self._find_token, token_hash)
+        # Only live tokens are kept: random guesses must not fill the cache.
+        if found is not None and self._ttl > 0 and generation == self._generation:
+            if len(self._tokens) > TOKEN_CACHE_MAX:
+                self._tokens.clear()
+            self._tokens[token_hash] = (found, time.monotonic() + self._ttl)
+        return found
 
     def _find_token(self, token_hash: str) -> tuple[AgentRecord, str] | None:
+        t, a = db.tokens, db.agents
         with self._engine.connect() as conn:
             row = conn.execute(
-                select(db.tokens.c.id, db.tokens.c.agent_id, db.tokens.c.token_hash).where(
-                    db.tokens.c.token_hash == token_hash, db.tokens.c.revoked_at.is_(None)
-                )
+                select(t.c.id, t.c.token_hash, a.c.id.label("agent_id"), a.c.name, a.c.attributes)
+                .join(a, a.c.id == t.c.agent_id)
+                .where(t.c.token_hash == token_hash, t.c.revoked_at.is_(None), ~a.c.disabled)
             ).first()
-            # The index finds the row; the constant-time compare keeps the check honest.
-            if row is None or not secrets.compare_digest(row.token_hash, token_hash):
-                return None
-            agent = conn.execute(select(db.agents).where(db.agents.c.id == row.agent_id)).first()
-            if agent is None or agent.disabled:
-                return None
-            return self._record(conn, agent._mapping), row.id
+        # The index finds the row; the constant-time compare keeps the check honest.
+        if row is None or not secrets.compare_digest(row.token_hash, token_hash):
+            return None
+        attributes = json.loads(row.attributes)
+        agent = AgentRecord(row.agent_id, row.name, (), attributes, False, "", ())
+        return agent, row.id
 
     # -- grants ---------------------------------------------------------------------------
 

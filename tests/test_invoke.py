@@ -734,3 +734,28 @@ def test_a_replaced_capability_applies_to_the_next_call(
         assert invoke(other, token, {"message": "d"}).status_code == 404
     finally:
         other.close()
+
+
+def test_a_token_revoked_elsewhere_stops_working_within_a_second(
+    setup: RunningBroker, openbao: Any, database_url: str, tmp_path: Any
+) -> None:
+    """Token lookups are cached for 1 s; a revocation through this instance applies at once,
+    through another instance sharing the database within the TTL."""
+    token = setup.agent("alice", ["tester"])
+    second = setup.admin.issue_token("alice")["token"]
+    other = start_broker(openbao, database_url, tmp_path / "other", audit_chain_id="other")
+    try:
+        assert invoke(setup, token, {"message": "a"}).status_code == 200
+        assert invoke(setup, second, {"message": "a"}).status_code == 200
+        agent = other.admin.get_agent("alice")
+        first_id = agent["tokens"][0]["id"]
+        other.admin.revoke_token("alice", first_id)
+        assert invoke(other, token, {"message": "b"}).status_code == 401  # at once, here
+        time.sleep(1.1)
+        assert invoke(setup, token, {"message": "c"}).status_code == 401  # within the TTL there
+        other.admin.disable_agent("alice")
+        assert invoke(other, second, {"message": "d"}).status_code == 401
+        time.sleep(1.1)
+        assert invoke(setup, second, {"message": "d"}).status_code == 401
+    finally:
+        other.close()
