@@ -19,18 +19,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from broker import errors
+from broker import errors, retries
 from broker.capabilities import Capability, slots_in
 from broker.errors import BrokerError
 from broker.ports import (
     AuditEvent,
     AuditLog,
+    BreakerPermit,
     CapabilityRegistry,
+    CircuitBreaker,
     Directory,
     Guards,
     Metrics,
     NoMetrics,
     NoTracer,
+    OutgoingRequest,
     PolicyEngine,
     Principal,
     Rulebook,
@@ -94,6 +97,7 @@ class Call:
     decision: str | None = None  # allow | deny once the policy has spoken
     started: bool = False  # call.started is on record
     trace_id: str | None = None  # the trace of this call (the caller's or the broker's own)
+    attempts: int = 0  # requests sent upstream (more than 1 only for idempotent capabilities)
 
     def event(self, kind: str, **fields: Any) -> AuditEvent:
         cap = self.cap
@@ -129,6 +133,8 @@ class Broker:
         guards: Guards,
         audit: AuditLog,
         max_response_bytes: int,
+        breaker: CircuitBreaker,
+        retry: retries.RetryPolicy | None = None,
         tracer: Tracer | None = None,
         metrics: Metrics | None = None,
     ) -> None:
@@ -141,6 +147,8 @@ class Broker:
         self.guards = guards
         self.audit = audit
         self.max_response_bytes = max_response_bytes
+        self.breaker = breaker
+        self.retry = retry or retries.RetryPolicy()
         self.tracer: Tracer = tracer or NoTracer()
         self.metrics: Metrics = metrics or NoMetrics()
         self.on_start: list[Callable[[], Awaitable[None]]] = []
@@ -319,7 +327,10 @@ class Broker:
         started = time.perf_counter()
         resolved: list[SecretValue] = []
         redactor = Redactor([])
+        permit: BreakerPermit | None = None
         try:
+            # An open circuit refuses the call here, before any secret is read (breaker.py).
+            permit = self.breaker.admit(cap.http.url)
             with self._stage("secrets", secret_count=len(referenced_names(cap))):
                 resolved = await self._resolve_secrets(cap, who)
             redactor = Redactor([s.value for s in resolved])
@@ -328,10 +339,8 @@ class Broker:
             limit = cap.http.max_response_bytes or self.max_response_bytes
             with self._stage("upstream", kind="client", http_method=request.method) as span:
                 # The upstream adds this span's traceparent to the request (upstream.py).
-                response = await self.upstream.send(
-                    request, timeout=cap.http.timeout, max_bytes=min(limit, self.max_response_bytes)
-                )
-                span.set(http_status=response.status)
+                response = await self._send(call, cap, request, permit, limit)
+                span.set(http_status=response.status, attempts=call.attempts)
             result = InvokeResult(call.call_id, *shape(cap, response, redactor))
         except Exception as exc:
             # Whatever went wrong after call.started, the record gets its end.
@@ -349,6 +358,9 @@ class Broker:
                 detail={"message": err.message},
             )
             raise err from None
+        finally:
+            if permit is not None:
+                permit.release()  # a permit never used (e.g. a secret was missing) goes back
         await self._finish(
             call,
             resolved,
@@ -363,6 +375,7 @@ class Broker:
         self, call: Call, resolved: list[SecretValue], started: float, **fields: Any
     ) -> None:
         latency = round((time.perf_counter() - started) * 1000, 3)
+        fields["detail"] = {**fields.get("detail", {}), "attempts": call.attempts}
         event = call.event(
             "call.finished",
             decision="allow",
@@ -386,6 +399,32 @@ class Broker:
             exc.call_id = call.call_id
             exc.message = "the call ran but its outcome could not be recorded"
             raise
+
+    async def _send(
+        self,
+        call: Call,
+        cap: Capability,
+        request: OutgoingRequest,
+        permit: BreakerPermit,
+        limit: int,
+    ) -> UpstreamResponse:
+        """Send through the breaker; only an idempotent capability is retried (retries.py)."""
+
+        async def attempt(seconds_left: float) -> UpstreamResponse:
+            call.attempts += 1
+            return await self.upstream.send(
+                request, timeout=seconds_left, max_bytes=min(limit, self.max_response_bytes)
+            )
+
+        return await retries.send(
+            attempt,
+            url=cap.http.url,
+            deadline=cap.http.timeout,
+            idempotent=cap.idempotent,
+            breaker=self.breaker,
+            permit=permit,
+            policy=self.retry,
+        )
 
     async def _resolve_secrets(self, cap: Capability, who: Principal) -> list[SecretValue]:
         names = referenced_names(cap)
