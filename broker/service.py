@@ -340,7 +340,7 @@ class Broker:
             with self._stage("upstream", kind="client", http_method=request.method) as span:
                 # The upstream adds this span's traceparent to the request (upstream.py).
                 response = await self._send(call, cap, request, permit, limit)
-                span.set(http_status=response.status, attempts=call.attempts)
+                span.set(http_status=response.status)
             result = InvokeResult(call.call_id, *shape(cap, response, redactor))
         except Exception as exc:
             # Whatever went wrong after call.started, the record gets its end.
