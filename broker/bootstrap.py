@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from broker.admin import Admin
 from broker.audit import SqlAuditLog
+from broker.breaker import CircuitBreakers
 from broker.capabilities import load_manifest_files, parse_manifest
 from broker.config import Settings
 from broker.db import make_engine, migrate
@@ -21,6 +22,7 @@ from broker.metrics import MeteredAuditLog, PrometheusMetrics
 from broker.policy import CasbinPolicy, parse_policy_csv
 from broker.ports import Tracer
 from broker.registry import SqlCapabilityRegistry
+from broker.retries import RetryPolicy
 from broker.rulebook import SqlRulebook
 from broker.service import Broker
 from broker.telemetry import tracer_from_env
@@ -67,6 +69,15 @@ def build_broker(settings: Settings, *, tracer: Tracer | None = None) -> Broker:
         max_response_bytes=settings.max_response_bytes,
         tracer=tracer,
         metrics=metrics,
+        breaker=CircuitBreakers(
+            failure_threshold=settings.breaker_failure_threshold,
+            cool_down=settings.breaker_cool_down,
+            half_open_probes=settings.breaker_half_open_probes,
+            metrics=metrics,
+        ),
+        retry=RetryPolicy(
+            settings.retry_attempts, settings.retry_backoff, settings.retry_backoff_max
+        ),
     )
     broker.admin = Admin(broker)
     broker.on_start.append(lambda: _start(broker, settings))

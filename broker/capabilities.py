@@ -151,11 +151,12 @@ class ResultSpec(BaseModel):
 
 class Limits(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    rate: str | None = None
+    rate: str | None = None  # per agent
+    global_rate: str | None = None  # all agents together
     cost: float = 0
     concurrency: int | None = Field(default=None, gt=0)
 
-    @field_validator("rate")
+    @field_validator("rate", "global_rate")
     @classmethod
     def _rate(cls, v: str | None) -> str | None:
         if v is not None and not RATE_RE.match(v):

@@ -49,6 +49,14 @@ class Settings(BaseSettings):
     idempotency_retention: float = Field(default=86400.0, gt=0)  # seconds a key is remembered
     approval_ttl: float = Field(default=3600.0, gt=0)  # seconds before a pending approval expires
     job_workers: int = Field(default=4, gt=0)  # asynchronous calls run at once per instance
+    # Circuit breaker per upstream host:port (breaker.py) and retries of idempotent capabilities
+    # (retries.py).
+    breaker_failure_threshold: int = Field(default=5, ge=1)  # consecutive failures that open it
+    breaker_cool_down: float = Field(default=30.0, gt=0)  # seconds open before probes go through
+    breaker_half_open_probes: int = Field(default=1, ge=1)  # probe calls at once when half-open
+    retry_attempts: int = Field(default=3, ge=1)  # attempts in all for idempotent capabilities
+    retry_backoff: float = Field(default=0.2, ge=0)  # seconds before the 2nd attempt, then doubled
+    retry_backoff_max: float = Field(default=2.0, ge=0)
     log_level: str = "info"
 
     @field_validator("egress_allow", mode="before")

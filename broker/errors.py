@@ -45,6 +45,9 @@ class BrokerError(Exception):
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal_error"
     default_message: ClassVar[str] = "internal error"
+    # May pass if tried again (a dropped connection, a timeout): retries.py and breaker.py
+    # read it; upstream.translate sets it on connection failures.
+    transient: bool = False
 
     def __init__(
         self,
@@ -178,6 +181,7 @@ class UpstreamUnavailable(Unavailable):
 
 class UpstreamTimeout(BrokerError):
     status, code, default_message = 504, "upstream_timeout", "the upstream call hit its deadline"
+    transient = True
 
 
 def all_error_classes() -> list[type[BrokerError]]:

@@ -1,8 +1,10 @@
 """Guards that bound calls before they run: rate limits and concurrency caps.
 
-Rate limits are a moving window per agent and capability (the manifest's ``limits.rate``),
-kept in process memory with the ``limits`` library; a shared store (Redis) for several broker
-instances can replace the storage without touching callers. Concurrency caps
+Rate limits are a moving window per agent and capability (the manifest's ``limits.rate``) and
+one per capability for all agents together (``limits.global_rate``), kept in process memory
+with the ``limits`` library. A call must fit both windows and is counted in both only when it
+does. A shared store (Redis) for several broker instances can replace the storage without
+touching callers. Concurrency caps
 (``limits.concurrency``) count calls in flight per capability and refuse, rather than queue,
 past the cap.
 """
@@ -42,19 +44,30 @@ class LocalGuards:
 
     def __init__(self) -> None:
         self._limiter = strategies.MovingWindowRateLimiter(storage.MemoryStorage())
+        # A store of its own: its keys (capability names) never meet the per-agent keys.
+        self._global = strategies.MovingWindowRateLimiter(storage.MemoryStorage())
         self._in_flight: dict[str, int] = defaultdict(int)
 
     def admit(self, agent_id: str, cap: Capability) -> Slot:
         """Count the call against its limits; raises RateLimited (with Retry-After)."""
-        if cap.limits.rate:
-            item = parse(cap.limits.rate)
-            if not self._limiter.hit(item, agent_id, cap.name):
-                reset = self._limiter.get_window_stats(item, agent_id, cap.name).reset_time
+        windows = [
+            (limiter, parse(rate), ids, f"{rate} {scope}")
+            for limiter, rate, ids, scope in (
+                (self._limiter, cap.limits.rate, (agent_id, cap.name), "per agent"),
+                (self._global, cap.limits.global_rate, (cap.name,), "for all agents together"),
+            )
+            if rate
+        ]
+        for limiter, item, ids, allowance in windows:
+            if not limiter.test(item, *ids):
+                reset = limiter.get_window_stats(item, *ids).reset_time
                 wait = max(1, math.ceil(reset - time.time()))
                 raise RateLimited(
-                    f"{cap.name} allows {cap.limits.rate} per agent; retry in {wait}s",
+                    f"{cap.name} allows {allowance}; retry in {wait}s",
                     headers={"Retry-After": str(wait)},
                 )
+        for limiter, item, ids, _ in windows:
+            limiter.hit(item, *ids)
         cap_limit = cap.limits.concurrency
         if cap_limit is None:
             return Slot(self._in_flight, None)

@@ -6,7 +6,8 @@ its own (one per broker: several brokers in one process never share or clash), r
 count every record written or refused, whoever wrote it (pipeline, admin, API).
 
 Labels are bounded: capability names (registered ones only; ``(none)`` when the call never
-reached a capability), fixed enums, error codes and audit kinds (both fixed in the code). No
+reached a capability), upstream host:port (of registered manifests, for the circuit breaker
+gauge), fixed enums, error codes and audit kinds (both fixed in the code). No
 agent id (agents are created at will, one series each would be unbounded), no argument value,
 no secret, no path.
 """
@@ -17,7 +18,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
 from broker.ports import AuditEvent, AuditLog, AuditQuery, Metrics
@@ -26,6 +27,7 @@ STAGES = ("authenticate", "decide", "secrets", "upstream", "audit", "total")
 DECISIONS = ("allow", "deny", "none")
 OUTCOMES = ("succeeded", "upstream_error", "failed", "refused")
 CACHE_RESULTS = ("hit", "miss", "shared")
+CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
 NO_CAPABILITY = "(none)"
 OTHER = "other"
 # Seconds: a token check takes well under a millisecond, an upstream up to the manifest's timeout.
@@ -50,6 +52,7 @@ BUCKETS = (
 _CAPABILITY = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,127}$")  # capabilities.NAME_RE, length-capped
 _CODE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _KIND = re.compile(r"^[a-z][a-z0-9_.]{0,63}$")
+_UPSTREAM = re.compile(r"^[A-Za-z0-9_.:\[\]-]{1,300}$")  # host:port of a registered manifest
 
 
 def _enum(value: str, allowed: tuple[str, ...]) -> str:
@@ -104,6 +107,12 @@ class PrometheusMetrics:
             ["kind"],
             registry=r,
         )
+        self._circuits = Gauge(
+            "broker_upstream_circuit_state",
+            "Circuit breaker per upstream host:port: 0 closed, 1 half-open, 2 open.",
+            ["upstream"],
+            registry=r,
+        )
         # Known series exist from the start, so rates and absent-series alerts work at once.
         for stage in STAGES:
             self._stages.labels(stage)
@@ -131,6 +140,9 @@ class PrometheusMetrics:
     def audit(self, kind: str, *, ok: bool) -> None:
         counter = self._audit_written if ok else self._audit_failed
         counter.labels(_match(kind, _KIND)).inc()
+
+    def circuit(self, upstream: str, state: str) -> None:
+        self._circuits.labels(_match(upstream, _UPSTREAM)).set(CIRCUIT_STATES.get(state, 0))
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -2,8 +2,8 @@
 
 Adapters implement these: vault.py (SecretStore), upstream.py (Upstream), policy.py
 (PolicyEngine), identity.py (Directory), registry.py (CapabilityRegistry), rulebook.py
-(Rulebook), audit.py (AuditLog), telemetry.py (Tracer), metrics.py (Metrics). Only
-bootstrap.py builds them.
+(Rulebook), audit.py (AuditLog), telemetry.py (Tracer), metrics.py (Metrics), breaker.py
+(CircuitBreaker). Only bootstrap.py builds them.
 """
 
 from __future__ import annotations
@@ -274,6 +274,27 @@ class IdempotencyStore(Protocol):
         """Claims this instance left in flight (after a crash); answer.call_id is the call."""
 
 
+class BreakerPermit(Protocol):
+    """Leave for one attempt at an upstream; the attempt's outcome is reported once."""
+
+    def record(self, outcome: UpstreamResponse | BaseException) -> None:
+        """How the attempt ended: the answer, or the exception it raised."""
+
+    def release(self) -> None:
+        """Give back a permit that was never used (no-op once an outcome is recorded)."""
+
+
+class CircuitBreaker(Protocol):
+    """One circuit per upstream host:port, in the memory of this broker instance."""
+
+    def admit(self, url: str) -> BreakerPermit:
+        """A permit to call the host of ``url``; raises UpstreamUnavailable while its circuit
+        is open (or half-open with every probe taken)."""
+
+    def state(self, url: str) -> str:
+        """closed | open | half_open, for the host of ``url``."""
+
+
 class CapabilityRegistry(Protocol):
     async def put(self, cap: Capability) -> Capability:
         """Store (insert or replace; the version goes up on replace) and return what was stored."""
@@ -404,6 +425,9 @@ class Metrics(Protocol):
 
     def audit(self, kind: str, *, ok: bool) -> None: ...
 
+    def circuit(self, upstream: str, state: str) -> None:
+        """The circuit of ``upstream`` (host:port) is now closed | open | half_open."""
+
     def exposition(self) -> tuple[bytes, str]:
         """(body, content type) for ``GET /metrics``."""
 
@@ -451,6 +475,9 @@ class NoMetrics:
         return None
 
     def audit(self, kind: str, *, ok: bool) -> None:
+        return None
+
+    def circuit(self, upstream: str, state: str) -> None:
         return None
 
     def exposition(self) -> tuple[bytes, str]:

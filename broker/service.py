@@ -20,14 +20,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from broker import errors
+from broker import errors, retries
 from broker.capabilities import Capability, slots_in
 from broker.errors import BrokerError
 from broker.ports import (
     AuditEvent,
     AuditLog,
     AuditQuery,
+    BreakerPermit,
     CapabilityRegistry,
+    CircuitBreaker,
     Claim,
     Directory,
     Guards,
@@ -35,6 +37,7 @@ from broker.ports import (
     Metrics,
     NoMetrics,
     NoTracer,
+    OutgoingRequest,
     PolicyEngine,
     Principal,
     Rulebook,
@@ -108,6 +111,7 @@ class Call:
     key: str | None = None  # the Idempotency-Key, once it parsed
     task_id: str | None = None  # X-Broker-Task, once it parsed
     trace_id: str | None = None  # the trace of this call (the caller's or the broker's own)
+    attempts: int = 0  # requests sent upstream (more than 1 only for idempotent capabilities)
 
     def event(self, kind: str, **fields: Any) -> AuditEvent:
         cap = self.cap
@@ -144,6 +148,8 @@ class Broker:
         audit: AuditLog,
         idempotency: IdempotencyStore,
         max_response_bytes: int,
+        breaker: CircuitBreaker,
+        retry: retries.RetryPolicy | None = None,
         tracer: Tracer | None = None,
         metrics: Metrics | None = None,
     ) -> None:
@@ -157,6 +163,8 @@ class Broker:
         self.audit = audit
         self.idempotency = idempotency
         self.max_response_bytes = max_response_bytes
+        self.breaker = breaker
+        self.retry = retry or retries.RetryPolicy()
         self.tracer: Tracer = tracer or NoTracer()
         self.metrics: Metrics = metrics or NoMetrics()
         self.on_start: list[Callable[[], Awaitable[None]]] = []
@@ -356,7 +364,10 @@ class Broker:
         started = time.perf_counter()
         resolved: list[SecretValue] = []
         redactor = Redactor([])
+        permit: BreakerPermit | None = None
         try:
+            # An open circuit refuses the call here, before any secret is read (breaker.py).
+            permit = self.breaker.admit(cap.http.url)
             with self._stage("secrets", secret_count=len(referenced_names(cap))):
                 resolved = await self._resolve_secrets(cap, who)
             redactor = Redactor([s.value for s in resolved])
@@ -370,9 +381,7 @@ class Broker:
             call.sent = True
             with self._stage("upstream", kind="client", http_method=request.method) as span:
                 # The upstream adds this span's traceparent to the request (upstream.py).
-                response = await self.upstream.send(
-                    request, timeout=cap.http.timeout, max_bytes=min(limit, self.max_response_bytes)
-                )
+                response = await self._send(call, cap, request, permit, limit)
                 span.set(http_status=response.status)
             result = InvokeResult(call.call_id, *shape(cap, response, redactor))
         except Exception as exc:
@@ -391,6 +400,9 @@ class Broker:
                 detail={"message": err.message},
             )
             raise err from None
+        finally:
+            if permit is not None:
+                permit.release()  # a permit never used (e.g. a secret was missing) goes back
         await self._finish(
             call,
             resolved,
@@ -405,6 +417,7 @@ class Broker:
         self, call: Call, resolved: list[SecretValue], started: float, **fields: Any
     ) -> None:
         latency = round((time.perf_counter() - started) * 1000, 3)
+        fields["detail"] = {**fields.get("detail", {}), "attempts": call.attempts}
         event = call.event(
             "call.finished",
             decision="allow",
@@ -497,6 +510,32 @@ class Broker:
                 continue
             err = errors.OutcomeUnknown(call_id=call_id)
             await self.idempotency.complete(claim, err.status, err.to_dict())
+
+    async def _send(
+        self,
+        call: Call,
+        cap: Capability,
+        request: OutgoingRequest,
+        permit: BreakerPermit,
+        limit: int,
+    ) -> UpstreamResponse:
+        """Send through the breaker; only an idempotent capability is retried (retries.py)."""
+
+        async def attempt(seconds_left: float) -> UpstreamResponse:
+            call.attempts += 1
+            return await self.upstream.send(
+                request, timeout=seconds_left, max_bytes=min(limit, self.max_response_bytes)
+            )
+
+        return await retries.send(
+            attempt,
+            url=cap.http.url,
+            deadline=cap.http.timeout,
+            idempotent=cap.idempotent,
+            breaker=self.breaker,
+            permit=permit,
+            policy=self.retry,
+        )
 
     async def _resolve_secrets(self, cap: Capability, who: Principal) -> list[SecretValue]:
         names = referenced_names(cap)

@@ -357,5 +357,14 @@ def translate(exc: BaseException, host: str | None = None) -> BrokerError:
     where = host or "(unknown host)"
     for classes, error, message in _TRANSLATIONS:
         if isinstance(exc, classes):
-            return error(message.format(host=where))
+            err = error(message.format(host=where))
+            err.transient = _transient(exc)
+            return err
     return UpstreamError(f"the call to upstream {where} failed")
+
+
+def _transient(exc: BaseException) -> bool:
+    """A refused, reset or dropped connection or a timeout may pass on another try; a TLS
+    failure, a bad URL or a malformed answer will not."""
+    connection = isinstance(exc, aiohttp.ClientConnectionError | OSError)
+    return connection and not isinstance(exc, _TLS_ERRORS)

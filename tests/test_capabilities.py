@@ -70,6 +70,7 @@ def test_query_in_the_url_becomes_declared_query() -> None:
         ({"approval": "maybe"}, "approval"),
         ({"surprise": 1}, "surprise"),
         ({"limits": {"rate": "lots"}}, "rate"),
+        ({"limits": {"global_rate": "9/fortnight"}}, "global_rate"),
         ({"secrets": {"gh": {"path": "../root", "key": "k"}}}, "'..'"),
         ({"secrets": {"gh": {"path": "a/{args.owner}", "key": "k"}}}, "secret path slot"),
     ],

@@ -101,6 +101,7 @@ class RecordingUpstream:
     /gzip-bomb        a small gzip body that decompresses to 32 MiB (Content-Encoding: gzip)
     /json             a fixed JSON document
     /reflect          the bearer credential it got, reflected raw, base64 and url-encoded
+    /flaky            the status set by ``fail_next`` while failures are left, then 200 JSON
     """
 
     FIXED_JSON: ClassVar[dict[str, Any]] = {"ok": True, "items": [1, 2, 3], "name": "fixed"}
@@ -108,6 +109,20 @@ class RecordingUpstream:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._requests: list[Recorded] = []
+        self._failures_left = 0
+        self._failure_status = 503
+
+    def fail_next(self, count: int, status: int = 503) -> None:
+        """The next ``count`` requests to /flaky answer ``status``; later ones answer 200."""
+        with self._lock:
+            self._failures_left, self._failure_status = count, status
+
+    def _flaky_status(self) -> int:
+        with self._lock:
+            if self._failures_left <= 0:
+                return 200
+            self._failures_left -= 1
+            return self._failure_status
 
     @property
     def requests(self) -> list[Recorded]:
@@ -155,6 +170,9 @@ class RecordingUpstream:
             await _send_json(send, 200, _reflect(rec))
         elif path == "/json":
             await _send_json(send, 200, self.FIXED_JSON)
+        elif path == "/flaky":
+            status = self._flaky_status()
+            await _send_json(send, status, {"ok": status == 200, "status": status})
         else:
             await _send(send, 404, b"not found")
 
