@@ -69,6 +69,7 @@ def create_app(broker: Broker, *, max_request_bytes: int = 1_048_576) -> FastAPI
     _agent_routes(app, broker)
     _policy_routes(app, broker)
     _audit_routes(app, broker)
+    _deferred_routes(app, broker)
     app.router.routes.append(mcp.route())  # /mcp: MCP (streamable HTTP) over the same Broker
     return app
 
@@ -241,6 +242,7 @@ def _capability_routes(app: FastAPI, broker: Broker) -> None:
         "/v1/capabilities/{name}/invoke",
         tags=["calls"],
         response_model=models.InvokeOut,
+        responses={202: {"model": models.InvokeAccepted}},
         openapi_extra={
             "requestBody": {
                 "content": {"application/json": {"schema": models.InvokeIn.model_json_schema()}}
@@ -254,6 +256,8 @@ def _capability_routes(app: FastAPI, broker: Broker) -> None:
         idempotency_key: Annotated[str | None, Header()] = None,
         x_broker_task: Annotated[str | None, Header()] = None,
         traceparent: Annotated[str | None, Header()] = None,
+        prefer: Annotated[str | None, Header()] = None,
+        x_broker_approval: Annotated[str | None, Header()] = None,
     ) -> Any:
         result = await broker.invoke(
             InvokeRequest(
@@ -264,9 +268,26 @@ def _capability_routes(app: FastAPI, broker: Broker) -> None:
                 task_id=x_broker_task,
                 trace_id=_trace_id(traceparent),
                 traceparent=traceparent,
+                respond_async=_prefers_async(prefer),
+                approval_id=x_broker_approval,
             )
         )
+        if result.http_status == 202:
+            return _accepted(result.to_dict())
         return result.to_dict()
+
+
+def _prefers_async(prefer: str | None) -> bool:
+    """RFC 7240: ``Prefer: respond-async`` (among other preferences, any case)."""
+    prefs = (p.split(";")[0].strip().lower() for p in (prefer or "").split(","))
+    return "respond-async" in prefs
+
+
+def _accepted(body: dict[str, Any]) -> JSONResponse:
+    headers = {"Location": f"/v1/calls/{body['call_id']}"}
+    if body["status"] == "queued":
+        headers["Preference-Applied"] = "respond-async"
+    return JSONResponse(body, status_code=202, headers=headers)
 
 
 def _trace_id(traceparent: str | None) -> str | None:
@@ -436,3 +457,33 @@ def _audit_routes(app: FastAPI, broker: Broker) -> None:
     @app.post("/v1/audit/hmac-keys/rotate", tags=["audit"])
     async def rotate_hmac_key(authorization: Token = None) -> Any:
         return {"key_id": await admin.rotate_hmac_key(bearer(authorization))}
+
+
+def _deferred_routes(app: FastAPI, broker: Broker) -> None:
+    deferred = broker.deferred
+
+    @app.get("/v1/approvals", tags=["approvals"], response_model=models.ApprovalList)
+    async def list_approvals(authorization: Token = None, status: str | None = None) -> Any:
+        return {"approvals": await deferred.list_approvals(bearer(authorization), status)}
+
+    @app.post(
+        "/v1/approvals/{approval_id}/approve", tags=["approvals"], response_model=models.Approval
+    )
+    async def approve(
+        approval_id: str, authorization: Token = None, body: models.ApprovalDecideIn | None = None
+    ) -> Any:
+        reason = body.reason if body else None
+        return await deferred.decide(bearer(authorization), approval_id, True, reason)
+
+    @app.post(
+        "/v1/approvals/{approval_id}/deny", tags=["approvals"], response_model=models.Approval
+    )
+    async def deny(
+        approval_id: str, authorization: Token = None, body: models.ApprovalDecideIn | None = None
+    ) -> Any:
+        reason = body.reason if body else None
+        return await deferred.decide(bearer(authorization), approval_id, False, reason)
+
+    @app.get("/v1/calls/{call_id}", tags=["calls"], response_model=models.CallState)
+    async def get_call(call_id: str, authorization: Token = None) -> Any:
+        return await deferred.get_call(bearer(authorization), call_id)

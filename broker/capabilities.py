@@ -153,6 +153,7 @@ class Capability(BaseModel):
     result: ResultSpec = Field(default_factory=ResultSpec)
     limits: Limits = Field(default_factory=Limits)
     approval: Literal["none", "required"] = "none"
+    long_running: bool = False  # always run as a durable job: invoke answers 202 at once
 
     @field_validator("name")
     @classmethod
@@ -207,6 +208,7 @@ class Capability(BaseModel):
             "idempotent": self.idempotent,
             "input": self.input,
             "approval": self.approval,
+            "long_running": self.long_running,
         }
 
 

@@ -48,7 +48,8 @@ class Settings(BaseSettings):
     audit_checkpoint_interval: float = Field(default=10.0, gt=0)  # seconds
     idempotency_retention: float = Field(default=86400.0, gt=0)  # seconds a key is remembered
     approval_ttl: float = Field(default=3600.0, gt=0)  # seconds before a pending approval expires
-    job_workers: int = Field(default=4, gt=0)  # asynchronous calls run at once per instance
+    # Asynchronous calls run at once per instance; 0: this instance queues jobs but runs none.
+    job_workers: int = Field(default=4, ge=0)
     log_level: str = "info"
 
     @field_validator("egress_allow", mode="before")

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from broker import errors
 from broker.capabilities import Capability, slots_in
@@ -47,6 +47,7 @@ from broker.render import referenced_secrets, render
 
 if TYPE_CHECKING:
     from broker.admin import Admin
+    from broker.deferred import Deferred
 
 log = logging.getLogger("broker.calls")
 
@@ -63,10 +64,13 @@ class InvokeRequest:
     task_id: str | None = None
     trace_id: str | None = None
     traceparent: str | None = None  # the caller's W3C header: the parent of the broker's spans
+    respond_async: bool = False  # Prefer: respond-async (run as a durable job, answer 202)
+    approval_id: str | None = None  # X-Broker-Approval: an approval the agent holds
 
 
 @dataclass(frozen=True)
 class InvokeResult:
+    http_status: ClassVar[int] = 200
     call_id: str
     status: str
     result: Any
@@ -116,6 +120,7 @@ class Broker:
     """The invoke pipeline and the shared pieces; admin use cases hang off ``self.admin``."""
 
     admin: Admin  # attached by bootstrap.build_broker
+    deferred: Deferred  # approvals and durable jobs (deferred.py), attached by bootstrap
 
     def __init__(
         self,
@@ -154,6 +159,7 @@ class Broker:
             await hook()
 
     async def close(self) -> None:
+        await self.deferred.stop()  # first: running jobs still need upstream, secrets, audit
         await self.upstream.close()
         await self.secrets.close()
         await self.audit.close()
@@ -208,6 +214,8 @@ class Broker:
             await self._refuse(call, err)
             raise err from None
         with slot:
+            if (later := await self.deferred.divert(call)) is not None:
+                return later  # 202: stored for an approval or as a job (deferred.py)
             await self._record_or_refuse(
                 call, call.event("call.started", decision="allow", args=call.args)
             )
@@ -463,7 +471,11 @@ def _parse_args(body: bytes) -> Any:
 
 
 def _check_header_values(req: InvokeRequest) -> None:
-    for name, value in (("Idempotency-Key", req.idempotency_key), ("X-Broker-Task", req.task_id)):
+    for name, value in (
+        ("Idempotency-Key", req.idempotency_key),
+        ("X-Broker-Task", req.task_id),
+        ("X-Broker-Approval", req.approval_id),
+    ):
         if value is not None and not HEADER_TOKEN.match(value):
             raise errors.InvalidRequest(f"{name} must be 1-128 characters of [A-Za-z0-9._:/+=-]")
 
