@@ -259,6 +259,7 @@ def _capability_routes(app: FastAPI, broker: Broker) -> None:
         prefer: Annotated[str | None, Header()] = None,
         x_broker_approval: Annotated[str | None, Header()] = None,
     ) -> Any:
+        respond_async = _prefers_async(prefer)
         result = await broker.invoke(
             InvokeRequest(
                 token=bearer(authorization),
@@ -268,12 +269,12 @@ def _capability_routes(app: FastAPI, broker: Broker) -> None:
                 task_id=x_broker_task,
                 trace_id=_trace_id(traceparent),
                 traceparent=traceparent,
-                respond_async=_prefers_async(prefer),
+                respond_async=respond_async,
                 approval_id=x_broker_approval,
             )
         )
         if result.http_status == 202:
-            return _accepted(result.to_dict())
+            return _accepted(result.to_dict(), respond_async=respond_async)
         return result.to_dict()
 
 
@@ -283,9 +284,9 @@ def _prefers_async(prefer: str | None) -> bool:
     return "respond-async" in prefs
 
 
-def _accepted(body: dict[str, Any]) -> JSONResponse:
+def _accepted(body: dict[str, Any], *, respond_async: bool) -> JSONResponse:
     headers = {"Location": f"/v1/calls/{body['call_id']}"}
-    if body["status"] == "queued":
+    if respond_async and body["status"] == "queued":
         headers["Preference-Applied"] = "respond-async"
     return JSONResponse(body, status_code=202, headers=headers)
 
@@ -463,7 +464,9 @@ def _deferred_routes(app: FastAPI, broker: Broker) -> None:
     deferred = broker.deferred
 
     @app.get("/v1/approvals", tags=["approvals"], response_model=models.ApprovalList)
-    async def list_approvals(authorization: Token = None, status: str | None = None) -> Any:
+    async def list_approvals(
+        authorization: Token = None, status: models.ApprovalStatus | None = None
+    ) -> Any:
         return {"approvals": await deferred.list_approvals(bearer(authorization), status)}
 
     @app.post(

@@ -94,11 +94,13 @@ class Deferred:
         workers: int,
         runner: str,
         poll_interval: float = 1.0,
+        sweep_interval: float = 5.0,
         stop_grace: float = 5.0,
     ) -> None:
         self.b, self.store = broker, store
         self.approval_ttl, self.workers, self.runner = approval_ttl, workers, runner
-        self.poll_interval, self.stop_grace = poll_interval, stop_grace
+        self.poll_interval, self.sweep_interval = poll_interval, sweep_interval
+        self.stop_grace = stop_grace
         self._wake = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
         self._jobs: dict[str, tuple[str, asyncio.Task[None]]] = {}  # call id -> (agent, task)
@@ -246,10 +248,12 @@ class Deferred:
 
     async def start(self) -> None:
         """Settle what a crash left running, then start the workers."""
+        self._wake = asyncio.Event()  # of this event loop (an app may be started again)
         await self.recover()
         self._workers = [
             asyncio.create_task(self._work(), name=f"job-worker-{n}") for n in range(self.workers)
         ]
+        self._workers.append(asyncio.create_task(self._sweep(), name="approval-expiry"))
 
     async def stop(self) -> None:
         """Stop taking jobs; running ones get ``stop_grace`` seconds, then are cancelled (left
@@ -283,6 +287,15 @@ class Deferred:
             ))  # fmt: skip
             log.warning("job %s was interrupted by a restart: %s", job.call_id, reason)
 
+    async def _sweep(self) -> None:
+        """Expire approvals on time (reads expire them too), so the audit shows it promptly."""
+        while True:
+            await asyncio.sleep(self.sweep_interval)
+            try:
+                await self.expire_due()
+            except BrokerError as exc:
+                log.error("cannot expire approvals: %s", exc.code)
+
     async def _work(self) -> None:
         while True:
             try:
@@ -311,27 +324,30 @@ class Deferred:
             idempotency_key=job.idempotency_key, trace_id=job.trace_id,
         )  # fmt: skip
         call = Call(call_id=job.call_id, request=request, args=job.args, trace_id=job.trace_id)
+        started = time.perf_counter()
+        try:
+            await self._attempt(call, job)
+        except asyncio.CancelledError:
+            if job.call_id in self._killed:  # the kill switch, not a shutdown
+                await self._cancelled(call, started)
+            raise
+        finally:
+            self._killed.discard(job.call_id)
+
+    async def _attempt(self, call: Call, job: StoredCall) -> None:
+        """The pipeline's steps 6-12 for a stored call, its outcome stored for GET."""
         try:
             await self._readmit(call, job)
             assert call.cap is not None and call.principal is not None
             await self.b._record_or_refuse(
                 call, call.event("call.started", decision="allow", args=call.args)
             )
+            call.started = True
+            result = await self.b._execute(call, call.cap, call.principal)
         except BrokerError as exc:
             if not call.started and not exc.audited:
                 await self.b._refuse(call, exc)
             await self._end(job.call_id, "failed", exc.status, exc.to_dict())
-            return
-        call.started = True
-        started = time.perf_counter()
-        try:
-            result = await self.b._execute(call, call.cap, call.principal)
-        except BrokerError as exc:
-            await self._end(job.call_id, "failed", exc.status, exc.to_dict())
-        except asyncio.CancelledError:
-            if job.call_id in self._killed:
-                await self._cancelled(call, started)
-            raise
         else:
             await self._end(job.call_id, result.status, 200, result.to_dict())
 
@@ -368,11 +384,11 @@ class Deferred:
             log.warning("job %s ended %s but was no longer running", call_id, state)
 
     async def _cancelled(self, call: Call, started: float) -> None:
-        self._killed.discard(call.call_id)
         err = errors.CallCancelled("the agent was disabled while the call ran")
         err.call_id = call.call_id
-        await self.b._finish(call, [], started, status="cancelled", reason="agent_disabled",
-                             detail={"message": err.message})  # fmt: skip
+        if call.started:  # call.started is on record: it gets its end
+            await self.b._finish(call, [], started, status="cancelled", reason="agent_disabled",
+                                 detail={"message": err.message})  # fmt: skip
         await self._end(call.call_id, "cancelled", err.status, err.to_dict())
 
     # -- the kill switch ---------------------------------------------------------------------

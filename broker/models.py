@@ -155,6 +155,9 @@ class InvokeAccepted(BaseModel):
     approval_id: str | None = None
 
 
+ApprovalStatus = Literal["pending", "approved", "denied", "expired", "cancelled"]
+
+
 class ApprovalDecideIn(_Strict):
     reason: str | None = Field(default=None, max_length=2000)
 
@@ -165,7 +168,7 @@ class Approval(BaseModel):
     agent_id: str
     capability: str
     args_hash: str
-    status: str  # pending | approved | denied | expired | cancelled
+    status: ApprovalStatus
     approver: str | None = None
     reason: str | None = None
     created_at: str

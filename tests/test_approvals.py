@@ -221,3 +221,17 @@ def test_cli_lists_and_decides(rb: RunningBroker, upstream: RunningUpstream) -> 
     twice = run(rb, "approvals", "approve", first["approval_id"])
     assert twice.exit_code == 1 and "approval_used" in twice.output
     assert sent(upstream) == 1
+
+
+def test_mcp_gets_a_readable_pending_result(rb: RunningBroker, upstream: RunningUpstream) -> None:
+    from tests.test_mcp import call_tool, text_of
+
+    token = rb.agent("alice", ["tester"])
+    result = call_tool(rb, token, "auto", CAP, {"message": "via mcp"})
+    assert result.is_error is False
+    text = text_of(result)
+    assert text.startswith("approval_pending:") and "approval_id apr_" in text
+    assert result.structured_content is not None
+    call_id = result.structured_content["call_id"]
+    assert rb.sdk(token).get_call(call_id)["state"] == "approval_pending"
+    assert sent(upstream) == 0
