@@ -347,8 +347,11 @@ class Deferred:
         except BrokerError as exc:
             if not call.started and not exc.audited:
                 await self.b._refuse(call, exc)
+            outcome = "failed" if call.started else "refused"
+            self.b.metrics.call(job.capability, call.decision or "none", outcome, exc.code)
             await self._end(job.call_id, "failed", exc.status, exc.to_dict())
         else:
+            self.b.metrics.call(job.capability, "allow", result.status, "")
             await self._end(job.call_id, result.status, 200, result.to_dict())
 
     async def _readmit(self, call: Call, job: StoredCall) -> None:

@@ -24,7 +24,7 @@ from broker.ports import AuditEvent, AuditLog, AuditQuery, Metrics
 
 STAGES = ("authenticate", "decide", "secrets", "upstream", "audit", "total")
 DECISIONS = ("allow", "deny", "none")
-OUTCOMES = ("succeeded", "upstream_error", "failed", "refused")
+OUTCOMES = ("succeeded", "upstream_error", "failed", "refused", "approval_pending", "queued")
 CACHE_RESULTS = ("hit", "miss", "shared")
 NO_CAPABILITY = "(none)"
 OTHER = "other"

@@ -450,7 +450,8 @@ class Metrics(Protocol):
 
     def call(self, capability: str | None, decision: str, outcome: str, code: str) -> None:
         """One invoke ended. decision: allow | deny | none; outcome: succeeded |
-        upstream_error | failed | refused; code: the error code, "" when none."""
+        upstream_error | failed | refused | approval_pending | queued (answered 202; the
+        deferred run counts again when it ends); code: the error code, "" when none."""
 
     def stage(self, stage: str, seconds: float) -> None:
         """authenticate | decide | secrets | upstream | audit | total."""
