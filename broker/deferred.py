@@ -31,7 +31,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 from broker import errors
 from broker.capabilities import Capability
@@ -50,6 +50,7 @@ _NOT_RUN: dict[str, type[BrokerError]] = {
     "cancelled": errors.CallCancelled,
 }
 _REFUSED_APPROVAL: dict[str, type[BrokerError]] = {
+    "pending": errors.ApprovalExpired,  # still pending yet not decidable: past its expiry
     "approved": errors.ApprovalUsed,
     "denied": errors.ApprovalDenied,
     "cancelled": errors.ApprovalDenied,
@@ -198,7 +199,6 @@ class Deferred:
         decided = await self.store.decide(approval_id, approve, who.agent_id, reason)
         if decided is None:
             await self._refuse_decision(who, approval_id, approve)
-        assert decided is not None
         await self.b.audit.append(AuditEvent(
             kind=f"approval.{decided.status}", call_id=decided.call_id,
             agent_id=decided.agent_id, capability=decided.capability,
@@ -210,7 +210,7 @@ class Deferred:
             self._wake.set()
         return approval_view(decided)
 
-    async def _refuse_decision(self, who: Principal, approval_id: str, approve: bool) -> None:
+    async def _refuse_decision(self, who: Principal, approval_id: str, approve: bool) -> NoReturn:
         found = await self.store.get_approval(approval_id)
         err: BrokerError = (
             errors.ApprovalNotFound(f"no approval {approval_id!r}")

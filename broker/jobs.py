@@ -111,7 +111,8 @@ class SqlCallStore:
         now = db.utcnow()
         with self._engine.begin() as conn:
             fields = {"approver": approver, "reason": reason, "decided_at": now}
-            if not self._set_approval(conn, approval_id, status, **fields):
+            # Not past its expiry, even if no sweep has marked it expired yet.
+            if not self._set_approval(conn, approval_id, status, live_at=now, **fields):
                 return None
             row = conn.execute(select(db.approvals).where(db.approvals.c.id == approval_id)).one()
             call_state = "queued" if approve else "denied"
@@ -182,19 +183,19 @@ class SqlCallStore:
             waiting = conn.execute(
                 select(c.c.call_id).where(c.c.agent_id == agent_id, c.c.state.in_(WAITING))
             ).scalars()
-            cancelled = [cid for cid in list(waiting) if self._set_call(
-                conn, cid, WAITING, "cancelled", http_status=None, response=None
-            )]  # fmt: skip
+            cancelled = [cid for cid in list(waiting)
+                         if self._set_call(conn, cid, WAITING, "cancelled")]  # fmt: skip
         return int(approvals or 0), cancelled
 
     @staticmethod
-    def _set_approval(conn: Any, approval_id: str, status: str, **values: Any) -> bool:
+    def _set_approval(
+        conn: Any, approval_id: str, status: str, live_at: str | None = None, **values: Any
+    ) -> bool:
         t = db.approvals
-        done = conn.execute(
-            update(t)
-            .where(t.c.id == approval_id, t.c.status == "pending")
-            .values(status=status, **values)
-        )
+        stmt = update(t).where(t.c.id == approval_id, t.c.status == "pending")
+        if live_at is not None:
+            stmt = stmt.where(t.c.expires_at > live_at)
+        done = conn.execute(stmt.values(status=status, **values))
         return bool(done.rowcount == 1)
 
     @staticmethod

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from broker import errors
 from broker.devserver import DevVault
 from tests.support.brokers import RunningBroker, start_broker
 from tests.support.upstreams import RunningUpstream
@@ -120,6 +121,9 @@ def test_approve_runs_the_call_once_and_its_result_is_kept(
     }  # fmt: skip
     time.sleep(0.3)  # a worker that wrongly re-ran it would have sent by now
     assert sent(upstream) == 1
+
+    with pytest.raises(errors.ApprovalUsed):  # the SDK maps the code back to its class
+        rb.admin.approve(approval_id)
 
     # Another agent does not see the call.
     bob = rb.http(rb.agent("bob", ["tester"])).get(f"/v1/calls/{call_id}")

@@ -9,6 +9,7 @@ interrupted non-idempotent ones ``outcome_unknown`` without sending them again.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -17,10 +18,13 @@ from typing import Any
 
 import pytest
 
+from broker.client import AsyncBrokerClient, BrokerClient
 from broker.demo import ServerThread
-from broker.devserver import DevVault
+from broker.devserver import DevVault, free_port
 from tests.support.brokers import RunningBroker, start_broker
+from tests.support.openbao import write_secret
 from tests.support.upstreams import RunningUpstream
+from tests.test_crash import BrokerProcess
 from tests.test_invoke import SECRET, echo_manifest
 
 
@@ -144,6 +148,19 @@ def test_long_running_capability_is_always_a_job(
     assert done["state"] == "succeeded"
     listed = {c["name"]: c for c in rb.sdk(token).list_capabilities()}
     assert listed["test.long"]["long_running"] is True
+
+
+def test_async_sdk_waits_for_a_job(rb: RunningBroker, upstream: RunningUpstream) -> None:
+    token = rb.agent("alice", ["tester"])
+
+    async def main() -> dict[str, Any]:
+        async with AsyncBrokerClient(rb.url, token) as client:
+            queued = await client.invoke("test.echo", {"message": "a-sdk"}, respond_async=True)
+            assert queued["status"] == "queued"
+            return await client.wait_call(queued["call_id"])
+
+    done = asyncio.run(main())
+    assert done["state"] == "succeeded" and sent(upstream, "a-sdk") == 1
 
 
 def test_a_failed_job_keeps_the_error_envelope(
@@ -311,3 +328,41 @@ def test_disable_cancels_approvals_and_jobs_with_one_audit_event(
         assert gate[1].count("waiting") == 0 and gate[1].count("asking") == 0
     finally:
         rb.close()
+
+
+def test_sigkill_mid_job_is_outcome_unknown_after_restart(
+    openbao: DevVault, database_url: str, tmp_path: Path, gate: tuple[str, GateUpstream]
+) -> None:
+    """A real crash (kill -9 of a `broker serve` process) while a job is in the upstream."""
+    port, admin = free_port(), "adm_sigkill_test_token_0123456789"
+    env = {
+        **os.environ,
+        "BROKER_PORT": str(port), "BROKER_DATA_DIR": str(tmp_path / "data"),
+        "BROKER_DATABASE_URL": database_url, "BROKER_VAULT_ADDR": openbao.addr,
+        "BROKER_VAULT_TOKEN": openbao.root_token, "BROKER_BOOTSTRAP_ADMIN_TOKEN": admin,
+        "BROKER_EGRESS_ALLOW": "127.0.0.1/32", "BROKER_LOG_LEVEL": "warning",
+    }  # fmt: skip
+    write_secret(openbao, "tests/echo", {"token": SECRET})
+    broker = BrokerProcess(env, port)
+    broker.start()
+    try:
+        with BrokerClient(broker.url, admin) as client:
+            client.put_capability(echo_manifest(gate[0], "test.gate"))
+            client.add_policy("role:tester", "test.*")
+            token = client.create_agent("crash", ["tester"])["token"]
+        with BrokerClient(broker.url, token) as agent:
+            call_id = agent.invoke("test.gate", {"message": "killed"}, respond_async=True)[
+                "call_id"
+            ]
+            wait_for(lambda: gate[1].count("killed") == 1, "the job to reach the upstream")
+        broker.kill()
+        gate[1].gate.set()
+        broker.start()
+        with BrokerClient(broker.url, token) as agent:
+            done = agent.get_call(call_id)
+        assert done["state"] == "outcome_unknown"
+        assert done["response"]["error"]["code"] == "outcome_unknown"
+        time.sleep(0.3)  # a worker that wrongly re-ran it would have sent by now
+        assert gate[1].count("killed") == 1
+    finally:
+        broker.stop()
