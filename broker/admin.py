@@ -192,7 +192,11 @@ class Admin:
         await self._agent(agent_id)
         await self.b.directory.set_disabled(agent_id, True)
         revoked = await self.b.directory.revoke_all_tokens(agent_id)
-        await self.record(who, "admin.agent.disable", agent=agent_id, tokens_revoked=revoked)
+        # The kill switch: also its pending approvals and its waiting and running jobs.
+        cancelled = await self.b.deferred.cancel_agent(agent_id)
+        await self.record(
+            who, "admin.agent.disable", agent=agent_id, tokens_revoked=revoked, **cancelled
+        )
         return await self._agent(agent_id)
 
     # -- roles ------------------------------------------------------------------------------

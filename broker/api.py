@@ -23,7 +23,7 @@ from broker import errors, models
 from broker.errors import BrokerError
 from broker.mcp import McpEndpoint
 from broker.ports import AgentRecord, AuditEvent, AuditQuery
-from broker.service import Broker, InvokeRequest
+from broker.service import Broker, InvokeRequest, InvokeResult
 from broker.tools import Format as ToolFormat
 from broker.tools import as_tools
 
@@ -69,6 +69,7 @@ def create_app(broker: Broker, *, max_request_bytes: int = 1_048_576) -> FastAPI
     _agent_routes(app, broker)
     _policy_routes(app, broker)
     _audit_routes(app, broker)
+    _deferred_routes(app, broker)
     app.router.routes.append(mcp.route())  # /mcp: MCP (streamable HTTP) over the same Broker
     return app
 
@@ -242,6 +243,7 @@ def _capability_routes(app: FastAPI, broker: Broker) -> None:
         tags=["calls"],
         response_model=models.InvokeOut,
         response_model_exclude_unset=True,
+        responses={202: {"model": models.InvokeAccepted}},
         openapi_extra={
             "requestBody": {
                 "content": {"application/json": {"schema": models.InvokeIn.model_json_schema()}}
@@ -255,7 +257,10 @@ def _capability_routes(app: FastAPI, broker: Broker) -> None:
         idempotency_key: Annotated[str | None, Header()] = None,
         x_broker_task: Annotated[str | None, Header()] = None,
         traceparent: Annotated[str | None, Header()] = None,
+        prefer: Annotated[str | None, Header()] = None,
+        x_broker_approval: Annotated[str | None, Header()] = None,
     ) -> Any:
+        respond_async = _prefers_async(prefer)
         result = await broker.invoke(
             InvokeRequest(
                 token=bearer(authorization),
@@ -265,11 +270,31 @@ def _capability_routes(app: FastAPI, broker: Broker) -> None:
                 task_id=x_broker_task,
                 trace_id=_trace_id(traceparent),
                 traceparent=traceparent,
+                respond_async=respond_async,
+                approval_id=x_broker_approval,
             )
         )
+        if result.http_status == 202:
+            return _accepted(result, respond_async=respond_async)
         if result.replayed:
             return JSONResponse(result.to_dict(), headers={"Idempotent-Replayed": "true"})
         return result.to_dict()
+
+
+def _prefers_async(prefer: str | None) -> bool:
+    """RFC 7240: ``Prefer: respond-async`` (among other preferences, any case)."""
+    prefs = (p.split(";")[0].strip().lower() for p in (prefer or "").split(","))
+    return "respond-async" in prefs
+
+
+def _accepted(result: InvokeResult, *, respond_async: bool) -> JSONResponse:
+    body = result.to_dict()
+    headers = {"Location": f"/v1/calls/{body['call_id']}"}
+    if respond_async and body["status"] == "queued":
+        headers["Preference-Applied"] = "respond-async"
+    if result.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(body, status_code=202, headers=headers)
 
 
 def _trace_id(traceparent: str | None) -> str | None:
@@ -439,3 +464,35 @@ def _audit_routes(app: FastAPI, broker: Broker) -> None:
     @app.post("/v1/audit/hmac-keys/rotate", tags=["audit"])
     async def rotate_hmac_key(authorization: Token = None) -> Any:
         return {"key_id": await admin.rotate_hmac_key(bearer(authorization))}
+
+
+def _deferred_routes(app: FastAPI, broker: Broker) -> None:
+    deferred = broker.deferred
+
+    @app.get("/v1/approvals", tags=["approvals"], response_model=models.ApprovalList)
+    async def list_approvals(
+        authorization: Token = None, status: models.ApprovalStatus | None = None
+    ) -> Any:
+        return {"approvals": await deferred.list_approvals(bearer(authorization), status)}
+
+    @app.post(
+        "/v1/approvals/{approval_id}/approve", tags=["approvals"], response_model=models.Approval
+    )
+    async def approve(
+        approval_id: str, authorization: Token = None, body: models.ApprovalDecideIn | None = None
+    ) -> Any:
+        reason = body.reason if body else None
+        return await deferred.decide(bearer(authorization), approval_id, True, reason)
+
+    @app.post(
+        "/v1/approvals/{approval_id}/deny", tags=["approvals"], response_model=models.Approval
+    )
+    async def deny(
+        approval_id: str, authorization: Token = None, body: models.ApprovalDecideIn | None = None
+    ) -> Any:
+        reason = body.reason if body else None
+        return await deferred.decide(bearer(authorization), approval_id, False, reason)
+
+    @app.get("/v1/calls/{call_id}", tags=["calls"], response_model=models.CallState)
+    async def get_call(call_id: str, authorization: Token = None) -> Any:
+        return await deferred.get_call(bearer(authorization), call_id)

@@ -13,10 +13,12 @@ from broker.breaker import CircuitBreakers
 from broker.capabilities import load_manifest_files, parse_manifest
 from broker.config import Settings
 from broker.db import make_engine, migrate
+from broker.deferred import Deferred
 from broker.errors import BrokerError
 from broker.guards import LocalGuards
 from broker.idempotency import SqlIdempotencyStore
 from broker.identity import SqlDirectory
+from broker.jobs import SqlCallStore
 from broker.keyring import AuditKeys
 from broker.metrics import MeteredAuditLog, PrometheusMetrics
 from broker.policy import CasbinPolicy, parse_policy_csv
@@ -80,7 +82,15 @@ def build_broker(settings: Settings, *, tracer: Tracer | None = None) -> Broker:
         ),
     )
     broker.admin = Admin(broker)
+    broker.deferred = Deferred(
+        broker,
+        SqlCallStore(engine),
+        approval_ttl=settings.approval_ttl,
+        workers=settings.job_workers,
+        runner=settings.audit_chain_id,  # one per instance: it settles only its own jobs
+    )
     broker.on_start.append(lambda: _start(broker, settings))
+    broker.on_start.append(broker.deferred.start)  # after the policy is loaded
     broker.on_close.append(lambda: asyncio.to_thread(engine.dispose))
     if owned is not None:
         broker.on_close.append(lambda: asyncio.to_thread(owned.close))  # flushes batched spans

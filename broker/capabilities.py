@@ -182,6 +182,7 @@ class Capability(BaseModel):
     # Built once per manifest object, not once per call (the registry caches the objects).
     _validator: Draft202012Validator | None = PrivateAttr(default=None)
     _sensitive: tuple[str, ...] | None = PrivateAttr(default=None)
+    long_running: bool = False  # always run as a durable job: invoke answers 202 at once
 
     @field_validator("name")
     @classmethod
@@ -238,6 +239,7 @@ class Capability(BaseModel):
             "idempotent": self.idempotent,
             "input": self.input,
             "approval": self.approval,
+            "long_running": self.long_running,
         }
 
 

@@ -803,6 +803,61 @@ def _json_object(_ctx: click.Context, _param: click.Parameter, value: str) -> di
     return parsed
 
 
+@cli.group()
+def approvals() -> None:
+    """Decide calls that wait for a human approval (action approvals.decide)."""
+
+
+@approvals.command("list")
+@click.option("--status", default="pending", show_default=True,
+              help="pending | approved | denied | expired | cancelled | all")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@uses_client
+def approvals_list(client: BrokerClient, status: str, as_json: bool) -> None:
+    """List approvals with the arguments they are bound to."""
+    items = client.list_approvals(None if status == "all" else status)
+    if as_json:
+        echo_json(items)
+        return
+    rows = [
+        [a["id"], a["status"], a["agent_id"], a["capability"], json.dumps(a["args"]),
+         a["expires_at"]]
+        for a in items
+    ]  # fmt: skip
+    click.echo(table(("id", "status", "agent", "capability", "args", "expires"), rows))
+
+
+@approvals.command("approve")
+@click.argument("approval_id")
+@click.option("--reason", help="Recorded in the audit log with your identity.")
+@uses_client
+def approvals_approve(client: BrokerClient, approval_id: str, reason: str | None) -> None:
+    """Approve: the stored call runs once (see `broker call get CALL_ID`)."""
+    echo_json(client.approve(approval_id, reason))
+
+
+@approvals.command("deny")
+@click.argument("approval_id")
+@click.option("--reason", help="Recorded in the audit log with your identity.")
+@uses_client
+def approvals_deny(client: BrokerClient, approval_id: str, reason: str | None) -> None:
+    """Deny: the call ends without running; its agent sees it denied."""
+    echo_json(client.deny(approval_id, reason))
+
+
+@cli.group()
+def call() -> None:
+    """Calls that outlive their request (jobs, approval-bound calls)."""
+
+
+@call.command("get")
+@click.argument("call_id")
+@uses_client
+def call_get(client: BrokerClient, call_id: str) -> None:
+    """State of the call and, once ended, its answer (as its agent or an auditor)."""
+    echo_json(client.get_call(call_id))
+
+
 @cli.command(short_help="Invoke a capability (as the token's agent).")
 @click.argument("capability_name")
 @click.option(
@@ -815,6 +870,8 @@ def _json_object(_ctx: click.Context, _param: click.Parameter, value: str) -> di
 )
 @click.option("--idempotency-key", help="Replays return the first result instead of re-running.")
 @click.option("--task", help="Task id (X-Broker-Task) for budgets and the audit log.")
+@click.option("--async", "respond_async", is_flag=True,
+              help="Run as a durable job (Prefer: respond-async); prints the call id.")  # fmt: skip
 @uses_client
 def invoke(
     client: BrokerClient,
@@ -822,9 +879,11 @@ def invoke(
     args: dict[str, Any],
     idempotency_key: str | None,
     task: str | None,
+    respond_async: bool,
 ) -> None:
     """Invoke a capability as the token's agent; prints the broker's answer."""
-    echo_json(client.invoke(capability_name, args, idempotency_key=idempotency_key, task=task))
+    echo_json(client.invoke(capability_name, args, idempotency_key=idempotency_key, task=task,
+                            respond_async=respond_async))  # fmt: skip
 
 
 if __name__ == "__main__":

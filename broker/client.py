@@ -12,7 +12,9 @@ this module pulls in no server dependency (no FastAPI, SQLAlchemy, hvac, casbin)
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from types import TracebackType
@@ -37,13 +39,27 @@ def _settings(url: str | None, token: str | None) -> tuple[str, dict[str, str]]:
     return base, ({"Authorization": f"Bearer {token}"} if token else {})
 
 
-def _call_headers(idempotency_key: str | None, task: str | None) -> dict[str, str]:
+def _call_headers(
+    idempotency_key: str | None,
+    task: str | None,
+    *,
+    respond_async: bool = False,
+    approval_id: str | None = None,
+) -> dict[str, str]:
     headers = {}
     if idempotency_key:
         headers["Idempotency-Key"] = idempotency_key
     if task:
         headers["X-Broker-Task"] = task
+    if respond_async:
+        headers["Prefer"] = "respond-async"
+    if approval_id:
+        headers["X-Broker-Approval"] = approval_id
     return headers
+
+
+def _decision(reason: str | None) -> dict[str, Any]:
+    return {"json": {"reason": reason}} if reason is not None else {}
 
 
 def _answer(response: httpx.Response) -> Any:
@@ -107,8 +123,14 @@ class BrokerClient:
         *,
         idempotency_key: str | None = None,
         task: str | None = None,
+        respond_async: bool = False,
+        approval_id: str | None = None,
     ) -> dict[str, Any]:
-        headers = _call_headers(idempotency_key, task)
+        """The result; or, answered 202, ``{"call_id", "status": "queued"|"approval_pending"}``
+        (``respond_async``: run as a durable job; see ``get_call``/``wait_call``)."""
+        headers = _call_headers(
+            idempotency_key, task, respond_async=respond_async, approval_id=approval_id
+        )
         result: dict[str, Any] = self.request(
             "POST",
             f"/v1/capabilities/{capability}/invoke",
@@ -116,6 +138,40 @@ class BrokerClient:
             headers=headers,
         )
         return result
+
+    def get_call(self, call_id: str) -> dict[str, Any]:
+        """State of a durable or approval-bound call; ``response`` once it ``ended``."""
+        out: dict[str, Any] = self.request("GET", f"/v1/calls/{call_id}")
+        return out
+
+    def wait_call(
+        self, call_id: str, *, timeout: float = 60.0, interval: float = 0.2
+    ) -> dict[str, Any]:
+        """Poll ``get_call`` until the call has ended (TimeoutError after ``timeout`` s)."""
+        deadline = time.monotonic() + timeout
+        while not (out := self.get_call(call_id))["ended"]:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"call {call_id} is still {out['state']}")
+            time.sleep(interval)
+        return out
+
+    def list_approvals(self, status: str | None = None) -> list[dict[str, Any]]:
+        params = {"status": status} if status else {}
+        out: list[dict[str, Any]] = self.request("GET", "/v1/approvals", params=params)["approvals"]
+        return out
+
+    def approve(self, approval_id: str, reason: str | None = None) -> dict[str, Any]:
+        """Approve: the stored call runs once (its result by ``get_call``)."""
+        out: dict[str, Any] = self.request(
+            "POST", f"/v1/approvals/{approval_id}/approve", **_decision(reason)
+        )
+        return out
+
+    def deny(self, approval_id: str, reason: str | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = self.request(
+            "POST", f"/v1/approvals/{approval_id}/deny", **_decision(reason)
+        )
+        return out
 
     def list_capabilities(self, *, all: bool = False) -> list[dict[str, Any]]:
         params = {"all": "true"} if all else {}
@@ -314,12 +370,31 @@ class AsyncBrokerClient:
         *,
         idempotency_key: str | None = None,
         task: str | None = None,
+        respond_async: bool = False,
+        approval_id: str | None = None,
     ) -> dict[str, Any]:
+        headers = _call_headers(
+            idempotency_key, task, respond_async=respond_async, approval_id=approval_id
+        )
         result: dict[str, Any] = await self.request(
             "POST", f"/v1/capabilities/{capability}/invoke", json={"args": args or {}},
-            headers=_call_headers(idempotency_key, task),
+            headers=headers,
         )  # fmt: skip
         return result
+
+    async def get_call(self, call_id: str) -> dict[str, Any]:
+        out: dict[str, Any] = await self.request("GET", f"/v1/calls/{call_id}")
+        return out
+
+    async def wait_call(
+        self, call_id: str, *, timeout: float = 60.0, interval: float = 0.2
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while not (out := await self.get_call(call_id))["ended"]:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"call {call_id} is still {out['state']}")
+            await asyncio.sleep(interval)
+        return out
 
     async def list_capabilities(self) -> list[dict[str, Any]]:
         caps: list[dict[str, Any]] = (await self.request("GET", "/v1/capabilities"))["capabilities"]

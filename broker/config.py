@@ -48,7 +48,6 @@ class Settings(BaseSettings):
     audit_checkpoint_interval: float = Field(default=10.0, gt=0)  # seconds
     idempotency_retention: float = Field(default=86400.0, gt=0)  # seconds a key is remembered
     approval_ttl: float = Field(default=3600.0, gt=0)  # seconds before a pending approval expires
-    job_workers: int = Field(default=4, gt=0)  # asynchronous calls run at once per instance
     # Circuit breaker per upstream host:port (breaker.py) and retries of idempotent capabilities
     # (retries.py).
     breaker_failure_threshold: int = Field(default=5, ge=1)  # consecutive failures that open it
@@ -57,6 +56,8 @@ class Settings(BaseSettings):
     retry_attempts: int = Field(default=3, ge=1)  # attempts in all for idempotent capabilities
     retry_backoff: float = Field(default=0.2, ge=0)  # seconds before the 2nd attempt, then doubled
     retry_backoff_max: float = Field(default=2.0, ge=0)
+    # Asynchronous calls run at once per instance; 0: this instance queues jobs but runs none.
+    job_workers: int = Field(default=4, ge=0)
     log_level: str = "info"
 
     @field_validator("egress_allow", mode="before")

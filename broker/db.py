@@ -164,6 +164,7 @@ calls = Table(
     # | outcome_unknown
     Column("state", String(24), nullable=False, index=True),
     Column("approval_id", String(64), nullable=True),
+    Column("runner", String(64), nullable=True),  # the instance (audit chain) running it
     Column("http_status", Integer, nullable=True),
     Column("response", Text, nullable=True),
     Column("created_at", String(32), nullable=False),

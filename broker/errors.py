@@ -11,12 +11,20 @@ Foreign exceptions (hvac, SQLAlchemy, aiohttp, casbin) are translated once, at t
     ├── BudgetExhausted (402 budget_exhausted)
     ├── Forbidden (403 forbidden)
     │   ├── PolicyDenied (403 policy_denied)
-    │   └── EgressDenied (403 egress_denied)
+    │   ├── EgressDenied (403 egress_denied)
+    │   └── ApprovalMismatch (403 approval_mismatch)
     ├── NotFound (404 not_found)
-    │   └── CapabilityNotFound (404 capability_not_found)
+    │   ├── CapabilityNotFound (404 capability_not_found)
+    │   ├── ApprovalNotFound (404 approval_not_found)
+    │   └── CallNotFound (404 call_not_found)
     ├── MethodNotAllowed (405 method_not_allowed)
     ├── Conflict (409 conflict)
-    │   └── IdempotencyInFlight (409 idempotency_in_flight)
+    │   ├── IdempotencyInFlight (409 idempotency_in_flight)
+    │   ├── ApprovalUsed (409 approval_used)
+    │   ├── ApprovalDenied (409 approval_denied)
+    │   ├── ApprovalExpired (409 approval_expired)
+    │   ├── CapabilityChanged (409 capability_changed)
+    │   └── CallCancelled (409 call_cancelled)
     ├── RequestTooLarge (413 request_too_large)
     ├── Unprocessable (422 unprocessable)
     │   ├── InvalidArguments (422 invalid_arguments)
@@ -99,12 +107,25 @@ class EgressDenied(Forbidden):
     code, default_message = "egress_denied", "the upstream address is not allowed"
 
 
+class ApprovalMismatch(Forbidden):
+    code = "approval_mismatch"
+    default_message = "the approval was given for another agent, capability or arguments"
+
+
 class NotFound(BrokerError):
     status, code, default_message = 404, "not_found", "not found"
 
 
 class CapabilityNotFound(NotFound):
     code, default_message = "capability_not_found", "no such capability"
+
+
+class ApprovalNotFound(NotFound):
+    code, default_message = "approval_not_found", "no such approval"
+
+
+class CallNotFound(NotFound):
+    code, default_message = "call_not_found", "no such call"
 
 
 class MethodNotAllowed(BrokerError):
@@ -118,6 +139,27 @@ class Conflict(BrokerError):
 class IdempotencyInFlight(Conflict):
     code = "idempotency_in_flight"
     default_message = "a call with this Idempotency-Key is still in flight"
+
+
+class ApprovalUsed(Conflict):
+    code, default_message = "approval_used", "the approval was already given and used"
+
+
+class ApprovalDenied(Conflict):
+    code, default_message = "approval_denied", "the approval was denied or cancelled"
+
+
+class ApprovalExpired(Conflict):
+    code, default_message = "approval_expired", "the approval expired before a decision"
+
+
+class CapabilityChanged(Conflict):
+    code = "capability_changed"
+    default_message = "the capability changed since the call was accepted; nothing executed"
+
+
+class CallCancelled(Conflict):
+    code, default_message = "call_cancelled", "the call was cancelled (its agent was disabled)"
 
 
 class RequestTooLarge(BrokerError):

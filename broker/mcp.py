@@ -10,7 +10,8 @@ on its own (stateless, JSON responses), so nothing about a caller outlives its r
 - ``tools/call`` is ``Broker.invoke`` with ``{"args": arguments}``, the same pipeline as
   ``POST /v1/capabilities/{name}/invoke`` (policy, guards, secrets, audit, redaction).
   A refusal or failure is a tool error (``isError``) carrying the broker's code, message
-  and call id, so the model can read it.
+  and call id, so the model can read it. A call stored for a human approval (or as a job)
+  is a normal result saying so, with its call id.
 
 This is the only module that imports the ``mcp`` SDK.
 """
@@ -124,10 +125,8 @@ class McpEndpoint:
         except Exception as exc:
             return _tool_error(_broker_error(exc, "tools/call"))
         out = result.to_dict()
-        return types.CallToolResult(
-            content=[types.TextContent(text=json.dumps(out, ensure_ascii=False))],
-            structured_content=out,
-        )
+        text = json.dumps(out, ensure_ascii=False) if result.http_status == 200 else _later(out)
+        return types.CallToolResult(content=[types.TextContent(text=text)], structured_content=out)
 
 
 # -- rendering ---------------------------------------------------------------------------------
@@ -145,6 +144,18 @@ def _tool(cap: Mapping[str, Any]) -> types.Tool:
             idempotent_hint=bool(cap.get("idempotent")),
             open_world_hint=True,
         ),
+    )
+
+
+def _later(out: Mapping[str, Any]) -> str:
+    """A 202 (stored for a human approval, or as a job): not an error, a note for the model."""
+    if out["status"] == "approval_pending":
+        what = "waits for a human approval (approval_id " + str(out.get("approval_id")) + ")"
+    else:
+        what = "was queued and runs in the background"
+    return (
+        f"{out['status']}: the call {what}; call_id {out['call_id']}. "
+        "Its outcome is at GET /v1/calls/{call_id}."
     )
 
 

@@ -25,7 +25,7 @@ from broker.ports import AuditEvent, AuditLog, AuditQuery, Metrics
 
 STAGES = ("authenticate", "decide", "secrets", "upstream", "audit", "total")
 DECISIONS = ("allow", "deny", "none")
-OUTCOMES = ("succeeded", "upstream_error", "failed", "refused")
+OUTCOMES = ("succeeded", "upstream_error", "failed", "refused", "approval_pending", "queued")
 CACHE_RESULTS = ("hit", "miss", "shared")
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
 NO_CAPABILITY = "(none)"

@@ -148,6 +148,57 @@ class InvokeOut(BaseModel):
     replayed: bool = False  # the stored answer of an earlier call with this Idempotency-Key
 
 
+class InvokeAccepted(BaseModel):
+    """202: stored to run later (``queued``) or after a human decision (``approval_pending``)."""
+
+    call_id: str
+    status: Literal["queued", "approval_pending"]
+    approval_id: str | None = None
+
+
+ApprovalStatus = Literal["pending", "approved", "denied", "expired", "cancelled"]
+
+
+class ApprovalDecideIn(_Strict):
+    reason: str | None = Field(default=None, max_length=2000)
+
+
+class Approval(BaseModel):
+    id: str
+    call_id: str
+    agent_id: str
+    capability: str
+    args_hash: str
+    status: ApprovalStatus
+    approver: str | None = None
+    reason: str | None = None
+    created_at: str
+    expires_at: str
+    decided_at: str | None = None
+    used_at: str | None = None
+    args: Any = None  # in listings: the arguments to decide on (x-sensitive values hidden)
+
+
+class ApprovalList(BaseModel):
+    approvals: list[Approval]
+
+
+class CallState(BaseModel):
+    call_id: str
+    state: str
+    agent_id: str
+    capability: str
+    capability_version: int | None = None
+    approval_id: str | None = None
+    task_id: str | None = None
+    created_at: str
+    updated_at: str
+    ended: bool
+    http_status: int | None = None
+    response: Any = None  # once ended: the invoke body, or the error envelope
+    approval: Approval | None = None
+
+
 class AuditPage(BaseModel):
     events: list[dict[str, Any]]
     next_cursor: str | None = None

@@ -2,8 +2,9 @@
 
 Adapters implement these: vault.py (SecretStore), upstream.py (Upstream), policy.py
 (PolicyEngine), identity.py (Directory), registry.py (CapabilityRegistry), rulebook.py
-(Rulebook), audit.py (AuditLog), telemetry.py (Tracer), metrics.py (Metrics), breaker.py
-(CircuitBreaker). Only bootstrap.py builds them.
+(Rulebook), audit.py (AuditLog), jobs.py (CallStore), idempotency.py (IdempotencyStore),
+telemetry.py (Tracer), metrics.py (Metrics), breaker.py (CircuitBreaker). Only bootstrap.py
+builds them.
 """
 
 from __future__ import annotations
@@ -138,6 +139,55 @@ class AuditEvent:
     idempotency_key: str | None = None
     detail: dict[str, Any] = field(default_factory=dict)
     sensitive: tuple[str, ...] = ()  # dotted arg paths stored as keyed HMACs, never as values
+
+
+@dataclass(frozen=True)
+class StoredCall:
+    """A call that outlives its request: an asynchronous job or a call waiting for approval.
+
+    state: approval_pending | queued | running | succeeded | upstream_error | failed | denied
+    | expired | cancelled | outcome_unknown. ``response`` is the body the agent gets (the
+    invoke result, or the error envelope) once the call has ended; ``http_status`` its status.
+    """
+
+    call_id: str
+    agent_id: str
+    capability: str
+    capability_version: int | None
+    args: Any
+    args_hash: str
+    state: str
+    task_id: str | None = None
+    trace_id: str | None = None
+    idempotency_key: str | None = None
+    approval_id: str | None = None
+    http_status: int | None = None
+    response: Any = None
+    runner: str | None = None
+    created_at: str = ""
+    updated_at: str = ""
+
+
+@dataclass(frozen=True)
+class ApprovalRecord:
+    """A human decision a call waits for, bound to agent, capability and the args' SHA-256.
+
+    status: pending | approved | denied | expired | cancelled; ``used_at`` is set when the
+    approved call starts (an approval is used at most once).
+    """
+
+    id: str
+    call_id: str
+    agent_id: str
+    capability: str
+    args_hash: str
+    status: str
+    created_at: str
+    expires_at: str
+    approver: str | None = None
+    reason: str | None = None
+    decided_at: str | None = None
+    used_at: str | None = None
 
 
 @dataclass(frozen=True)
@@ -372,6 +422,48 @@ class AuditLog(Protocol):
     def rotate_hmac_key(self) -> str: ...
 
 
+class CallStore(Protocol):
+    """Durable calls and their approvals. Every state change is one atomic compare-and-set,
+    so two workers or two approvers racing on the same row cannot both win."""
+
+    async def create(self, call: StoredCall, approval: ApprovalRecord | None = None) -> None:
+        """Persist a new call (and its approval) before the agent gets its 202."""
+
+    async def get_call(self, call_id: str) -> StoredCall | None: ...
+
+    async def get_approval(self, approval_id: str) -> ApprovalRecord | None: ...
+
+    async def list_approvals(self, status: str | None, limit: int) -> list[ApprovalRecord]: ...
+
+    async def expire_due(self, now: str) -> list[ApprovalRecord]:
+        """Pending approvals past ``expires_at`` become expired (their calls too); those changed."""
+
+    async def decide(
+        self, approval_id: str, approve: bool, approver: str, reason: str | None
+    ) -> ApprovalRecord | None:
+        """pending -> approved (call queued) or denied (call denied); None if not pending."""
+
+    async def claim_next(self, runner: str) -> StoredCall | None:
+        """Take the oldest queued call (-> running, owned by ``runner``; its approval used)."""
+
+    async def transition(
+        self,
+        call_id: str,
+        from_states: Sequence[str],
+        to_state: str,
+        *,
+        http_status: int | None = None,
+        response: Any = None,
+    ) -> bool:
+        """Move the call to ``to_state`` if it is in one of ``from_states``; whether it moved."""
+
+    async def running(self, runner: str) -> list[StoredCall]:
+        """Calls ``runner`` had started and not ended (left by a crash when it starts again)."""
+
+    async def cancel_agent(self, agent_id: str) -> tuple[int, list[str]]:
+        """Cancel the agent's pending approvals and waiting calls: (approvals, call ids)."""
+
+
 # --- observability ------------------------------------------------------------------------
 
 SpanValue = str | int | float | bool
@@ -413,7 +505,8 @@ class Metrics(Protocol):
 
     def call(self, capability: str | None, decision: str, outcome: str, code: str) -> None:
         """One invoke ended. decision: allow | deny | none; outcome: succeeded |
-        upstream_error | failed | refused; code: the error code, "" when none."""
+        upstream_error | failed | refused | approval_pending | queued (answered 202; the
+        deferred run counts again when it ends); code: the error code, "" when none."""
 
     def stage(self, stage: str, seconds: float) -> None:
         """authenticate | decide | secrets | upstream | audit | total."""

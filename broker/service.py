@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from broker import errors, retries
 from broker.capabilities import Capability, slots_in
@@ -55,6 +55,7 @@ from broker.render import referenced_secrets, render
 
 if TYPE_CHECKING:
     from broker.admin import Admin
+    from broker.deferred import Deferred
 
 log = logging.getLogger("broker.calls")
 
@@ -72,10 +73,13 @@ class InvokeRequest:
     task_id: str | None = None
     trace_id: str | None = None
     traceparent: str | None = None  # the caller's W3C header: the parent of the broker's spans
+    respond_async: bool = False  # Prefer: respond-async (run as a durable job, answer 202)
+    approval_id: str | None = None  # X-Broker-Approval: an approval the agent holds
 
 
 @dataclass(frozen=True)
 class InvokeResult:
+    http_status: ClassVar[int] = 200
     call_id: str
     status: str
     result: Any
@@ -89,6 +93,22 @@ class InvokeResult:
             "result": self.result,
             "upstream_status": self.upstream_status,
         }
+        if self.replayed:
+            out["replayed"] = True
+        return out
+
+
+@dataclass(frozen=True)
+class Accepted(InvokeResult):
+    """202: the call is stored and will run later (or never, if it is denied); deferred.py."""
+
+    http_status: ClassVar[int] = 202
+    approval_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"call_id": self.call_id, "status": self.status}
+        if self.approval_id:
+            out["approval_id"] = self.approval_id
         if self.replayed:
             out["replayed"] = True
         return out
@@ -134,6 +154,7 @@ class Broker:
     """The invoke pipeline and the shared pieces; admin use cases hang off ``self.admin``."""
 
     admin: Admin  # attached by bootstrap.build_broker
+    deferred: Deferred  # approvals and durable jobs (deferred.py), attached by bootstrap
 
     def __init__(
         self,
@@ -179,6 +200,7 @@ class Broker:
             await hook()
 
     async def close(self) -> None:
+        await self.deferred.stop()  # first: running jobs still need upstream, secrets, audit
         await self.upstream.close()
         await self.secrets.close()
         await self.audit.close()
@@ -240,11 +262,13 @@ class Broker:
             return await self._replay(call, answer)
         with slot:
             try:
-                await self._record_or_refuse(
-                    call, call.event("call.started", decision="allow", args=call.args)
-                )
-                call.started = True
-                result = await self._execute(call, call.cap, call.principal)
+                result = await self.deferred.divert(call)  # 202: for an approval, or a job
+                if result is None:
+                    await self._record_or_refuse(
+                        call, call.event("call.started", decision="allow", args=call.args)
+                    )
+                    call.started = True
+                    result = await self._execute(call, call.cap, call.principal)
             except BrokerError as err:
                 await self._settle_key(call, err)
                 raise
@@ -297,6 +321,10 @@ class Broker:
                 "X-Broker-Task must be 1-128 characters of [A-Za-z0-9._:/+=-]"
             )
         call.task_id = req.task_id
+        if req.approval_id is not None and not HEADER_TOKEN.match(req.approval_id):
+            raise errors.InvalidRequest(
+                "X-Broker-Approval must be 1-128 characters of [A-Za-z0-9._:/+=-]"
+            )
         with self._stage("authenticate") as span:
             call.principal = await self.authenticate(req.token)
             span.set(agent_id=call.principal.agent_id)
@@ -475,6 +503,9 @@ class Broker:
             )
             err.audited = True
             raise err
+        if answer.http_status == Accepted.http_status:  # the 202 of an approval or a job
+            approval = body.get("approval_id")
+            return Accepted(answer.call_id, body["status"], None, None, True, approval)
         return InvokeResult(
             answer.call_id, body["status"], body["result"], body["upstream_status"], replayed=True
         )
@@ -486,7 +517,7 @@ class Broker:
             return
         try:
             if isinstance(end, InvokeResult):
-                await self.idempotency.complete(claim, 200, end.to_dict())
+                await self.idempotency.complete(claim, end.http_status, end.to_dict())
             elif call.sent:
                 body = end.to_dict()
                 body["error"]["call_id"] = call.call_id

@@ -323,3 +323,29 @@ def test_the_idempotency_header_cannot_clash(
     r = setup.http(setup.admin_token).put("/v1/capabilities/test.clash", json=manifest)
     assert r.status_code == 422, r.text
     assert r.json()["error"]["code"] == "invalid_manifest"
+
+
+def test_a_deferred_call_replays_its_202(setup: RunningBroker, upstream: RunningUpstream) -> None:
+    """A call held for an approval (or queued as a job) is answered 202 once; a repeat with
+    the key gets the same call and approval ids back, not a second pending call."""
+    manifest = cap(upstream.url, "test.held", "/echo")
+    manifest["approval"] = "required"
+    setup.admin.put_capability(manifest)
+    http = setup.http(setup.agent("alice", ["tester"]))
+    first = post(http, "held-1", {"message": "x"}, "test.held")
+    assert first.status_code == 202, first.text
+    again = post(http, "held-1", {"message": "x"}, "test.held")
+    assert again.status_code == 202
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.json()["call_id"] == first.json()["call_id"]
+    assert again.json()["approval_id"] == first.json()["approval_id"]
+    assert len(setup.admin.list_approvals(status="pending")) == 1
+    queued = http.post(
+        "/v1/capabilities/test.echo/invoke",
+        json={"args": {"message": "x"}},
+        headers={"Idempotency-Key": "job-1", "Prefer": "respond-async"},
+    )
+    assert queued.status_code == 202
+    repeat = post(http, "job-1", {"message": "x"})
+    assert repeat.status_code == 202 and repeat.json()["call_id"] == queued.json()["call_id"]
+    assert received(upstream, "/echo") <= 1  # the job ran at most once
