@@ -13,7 +13,8 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from broker import errors
-from broker.ports import AgentRecord, AuditQuery, Grant, PolicyEngine, Rule
+from broker.onbehalf import check_user_id
+from broker.ports import AgentRecord, AuditQuery, Grant, PolicyEngine, Principal, Rule
 
 if TYPE_CHECKING:
     from broker.admin import Admin
@@ -75,16 +76,30 @@ class PolicyReview:
         obj: str,
         action: str,
         args: Mapping[str, Any] | None,
+        user: str | None = None,
     ) -> dict[str, Any]:
+        """Explain a decision; with ``agent`` and ``user``, the call of that agent acting for
+        that user: both sides and the delegation, and ``denied_by`` naming the side that
+        refused (agent, user or delegation)."""
         await self.admin.authorize(token, "policies.write")
         if (subject is None) == (agent is None):
             raise errors.InvalidRequest("give exactly one of subject or agent")
+        if user is not None and (agent is None or action != "invoke"):
+            raise errors.InvalidRequest("user needs agent and the invoke action")
         caller = None
         if agent is not None:
             record = await self.b.directory.get_agent(agent)
             caller = _agent_data(record) if record else {"id": agent, "attributes": {}}
         who = subject or f"agent:{agent}"
-        return self.b.policy.explain(who, obj, action, args=args, agent=caller)
+        explained = self.b.policy.explain(who, obj, action, args=args, agent=caller)
+        if user is None:
+            return explained
+        data: dict[str, Any] = caller or {}
+        acting = Principal(
+            str(agent), str(data.get("name", agent)), attributes=dict(data.get("attributes", {})),
+            user_id=check_user_id(user),
+        )  # fmt: skip
+        return await self.b.on_behalf.explain(explained, acting, obj, args)
 
     # -- policy as code ---------------------------------------------------------------------
 
