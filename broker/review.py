@@ -185,6 +185,8 @@ class PolicyReview:
     async def _flip(
         self, engine: PolicyEngine, event: Mapping[str, Any], agents: dict[str, dict[str, Any]]
     ) -> dict[str, Any] | None:
+        if event.get("reason") == "delegation_required":
+            return None  # the policy allowed it; no policy can flip a missing delegation
         agent_id = event["agent_id"]
         if agent_id not in agents:
             record = await self.b.directory.get_agent(agent_id)
@@ -192,12 +194,17 @@ class PolicyReview:
         args = event.get("args") or {}
         after = engine.decide(f"agent:{agent_id}", event["capability"], "invoke",
                               args=args, agent=agents[agent_id])  # fmt: skip
+        user_id = event.get("user_id")
+        if after.allowed and user_id:
+            # A call for a user needed the user's side as well (onbehalf.py).
+            after = engine.decide(f"user:{user_id}", event["capability"], "invoke",
+                                  args=args, agent=agents[agent_id])  # fmt: skip
         before = event["decision"] == "allow"
         if after.allowed == before:
             return None
         return {
             "call_id": event["call_id"], "time": event["time"], "agent_id": agent_id,
-            "capability": event["capability"],
+            "user_id": user_id, "capability": event["capability"],
             "before": "allow" if before else "deny", "after": "allow" if after.allowed else "deny",
             "rule": after.rule, "reason": after.reason,
             "uncertain": _has_hmac(args),  # conditions on HMAC'd arguments cannot be replayed

@@ -31,13 +31,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from broker import chain
 from broker.demo import ServerThread
-from broker.devserver import DevVault
+from broker.devserver import DevVault, free_port
 from tests.support.brokers import RunningBroker, start_broker
 from tests.support.upstreams import RunningUpstream
 
 ISSUER = "https://idp.test"
 AUDIENCE = "capbroker-test"
 HEADER = "X-Broker-User-Assertion"
+DOWN_ISSUER = "https://down.test"
 ALICE_TOKEN = "alice-gh-Q7/x+Z=1&k"
 BOB_TOKEN = "bob-gh-W3/y+Q=9&p"
 
@@ -186,6 +187,9 @@ def world(
         {"issuer": ISSUER, "audience": AUDIENCE, "jwks_url": idp[1], "jwks_refresh_seconds": 0},
         {"issuer": slow_idp[0].issuer, "audience": AUDIENCE, "jwks_url": slow_idp[1],
          "jwks_refresh_seconds": 3600},
+        # Nothing listens there: its keys cannot be fetched.
+        {"issuer": DOWN_ISSUER, "audience": AUDIENCE, "jwks_url": f"http://127.0.0.1:{free_port()}/",
+         "timeout": 2},
     ]  # fmt: skip
     rb = start_broker(openbao, database_url, tmp_path / "data", user_issuers=issuers)
     rb.admin.put_capability(echo_manifest(upstream.url))
@@ -311,6 +315,38 @@ def test_rotated_keys_are_fetched_on_an_unknown_kid_and_refetching_is_rate_limit
     assert w.slow.fetches == 1
 
 
+def test_an_issuer_whose_keys_cannot_be_fetched_is_503_and_nothing_runs(world: World) -> None:
+    w = world
+    w.delegate("alice")
+    connect(w, "alice", ALICE_TOKEN)
+    r = w.call(w.idp.token("alice", iss=DOWN_ISSUER))
+    assert (r.status_code, r.json()["error"]["code"]) == (503, "issuer_unavailable")
+    [record] = w.rb.audit(call_id=r.json()["error"]["call_id"])
+    assert (record["kind"], record["reason"]) == ("call.rejected", "issuer_unavailable")
+    assert w.upstream.requests == []
+
+
+def test_keys_from_a_jwks_file_and_ec_signatures(tmp_path: Path) -> None:
+    from broker.assertions import JwtAssertions, parse_issuers
+    from broker.errors import AssertionAudienceMismatch
+
+    provider = Idp("https://file.test")
+    provider.new_key("e1", kind="ec")
+    (tmp_path / "jwks.json").write_text(json.dumps(provider.jwks()))
+    config = {"issuer": provider.issuer, "audience": AUDIENCE,
+              "jwks_file": str(tmp_path / "jwks.json")}  # fmt: skip
+    verifier = JwtAssertions(parse_issuers([config]))
+    user = asyncio.run(verifier.verify(provider.token("erin", scope="a broker:self")))
+    assert (user.id, user.issuer, user.scopes) == ("erin", provider.issuer, {"a", "broker:self"})
+    with pytest.raises(AssertionAudienceMismatch):
+        asyncio.run(verifier.verify(provider.token("erin", aud=["other", "more"])))
+    for bad in ([{"issuer": "x", "audience": "y"}],
+                [{**config, "jwks_url": "http://127.0.0.1:1/"}],
+                [config, config]):  # fmt: skip
+        with pytest.raises(ValueError):
+            parse_issuers(bad)
+
+
 def test_no_bare_user_header_is_accepted(world: World) -> None:
     w = world
     connect(w, "alice", ALICE_TOKEN)
@@ -361,6 +397,13 @@ def test_a_call_needs_the_agent_and_the_user_and_explain_names_the_side(world: W
     w.rb.admin.add_policy("user:alice", "test.echo", effect="deny")
     assert w.call(alice).json()["error"]["denied_by"] == "user"
     assert w.upstream.requests and len(w.upstream.requests) == 1
+    # Replaying the log under a policy that allows alice flips exactly her two user-side
+    # denials; the agent-side denial of other.echo stays denied.
+    proposed = "p, role:assistant, test.*, invoke, allow\np, user:alice, test.echo, invoke, allow\n"
+    flips = w.rb.admin.replay_policy(proposed)["flips"]
+    assert [(f["user_id"], f["capability"], f["before"], f["after"]) for f in flips] == [
+        ("alice", "test.echo", "deny", "allow")
+    ] * 2
 
 
 def test_listing_for_a_user_is_the_intersection(world: World) -> None:
@@ -386,6 +429,18 @@ def test_listing_for_a_user_is_the_intersection(world: World) -> None:
 
     seen = asyncio.run(_with_client(w.rb, w.agent, "auto", names, {HEADER: alice}))
     assert seen == {"test.echo"}
+    # tools/call over MCP acts for the user of the header too.
+    connect(w, "alice", ALICE_TOKEN)
+
+    async def call(client: Any) -> Any:
+        return await client.call_tool("test.echo", {"message": "mcp"})
+
+    result = asyncio.run(_with_client(w.rb, w.agent, "auto", call, {HEADER: alice}))
+    assert result.is_error is False, result
+    assert bearer_seen(w) == [f"Bearer {ALICE_TOKEN}"]
+    result = asyncio.run(_with_client(w.rb, w.agent, "auto", call))
+    assert result.is_error is True
+    assert result.structured_content["error"]["code"] == "assertion_required"
 
 
 def test_missing_expired_and_revoked_delegations_refuse_the_call(world: World) -> None:
@@ -561,3 +616,45 @@ def test_records_without_a_user_hash_as_before_and_the_user_is_covered() -> None
     assert chain.values_hash([*base, None]) == chain.values_hash(base)
     assert chain.values_hash([*base, "alice"]) != chain.values_hash(base)
     assert chain.values_hash([*base, "alice"]) != chain.values_hash([*base, "bob"])
+
+
+# --- the CLI ----------------------------------------------------------------------------------
+
+
+def test_the_cli_connects_delegates_explains_and_revokes(world: World) -> None:
+    from click.testing import CliRunner
+
+    from broker.cli import cli
+
+    w = world
+    env = {"BROKER_URL": w.rb.url, "BROKER_TOKEN": w.rb.admin_token}
+
+    def run(*args: str, stdin: str | None = None, token: str | None = None) -> Any:
+        result = CliRunner().invoke(
+            cli, list(args), input=stdin, env={**env, "BROKER_TOKEN": token or env["BROKER_TOKEN"]}
+        )
+        assert "Traceback" not in result.output
+        return result
+
+    # The value comes from stdin, never argv, and is never printed back.
+    r = run("user", "credential", "set", "alice", "github", stdin=ALICE_TOKEN)
+    assert r.exit_code == 0, r.output
+    assert ALICE_TOKEN not in r.output
+    r = run("user", "credential", "show", "alice", "github")
+    assert json.loads(r.output)["exists"] is True and ALICE_TOKEN not in r.output
+    r = run("policy", "check", "assistant", "test.echo", "--user", "alice")
+    assert "denied by the delegation side" in r.output
+    r = run("user", "delegate", "alice", "assistant", "--capability", "test.*",
+            "--expires", "2099-01-01T00:00:00Z")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "assistant" in run("user", "delegations", "alice").output
+    r = run("invoke", "test.echo", "--args", '{"message": "cli"}',
+            "--user-assertion", w.idp.token("alice"), token=w.agent)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["status"] == "succeeded"
+    assert run("user", "revoke", "alice", "assistant").exit_code == 0
+    r = run("invoke", "test.echo", "--user-assertion", w.idp.token("alice"), token=w.agent)
+    assert r.exit_code == 1 and "delegation_required" in r.output
+    r = run("audit", "query", "--user", "alice", "--json")
+    assert {e["user_id"] for e in json.loads(r.output)} == {"alice"}
+    assert run("user", "credential", "delete", "alice", "github").exit_code == 0
