@@ -47,7 +47,9 @@ class Issuer:
     timeout: float = 5.0
     refresh_seconds: float = 60.0  # the least time between two key fetches on unknown kids
     keys: dict[str, jwt.PyJWK] = field(default_factory=dict)
-    fetched_at: float | None = None  # time.monotonic() of the last fetch
+    algs: dict[str, str] = field(default_factory=dict)  # kid -> the alg its JWK declares
+    fetched_at: float | None = None  # time.monotonic() of the last fetch attempt
+    failed: bool = False  # the last fetch failed: until the next one may run, that is the answer
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -93,11 +95,16 @@ class JwtAssertions:
             raise errors.AssertionIssuerUnknown(
                 f"the user assertion's issuer {claimed_issuer[:200]!r} is not trusted"
             )
-        key = await self._key(issuer, kid)
+        kid, key = await self._key(issuer, kid)
+        declared = issuer.algs.get(kid)
+        if declared is not None and declared != alg:
+            raise errors.AssertionInvalid(
+                f"the user assertion's algorithm {alg} is not the one its key declares ({declared})"
+            )
         claims = _decode(assertion, key, alg, issuer)
         return _user(claims, issuer.issuer)
 
-    async def _key(self, issuer: Issuer, kid: str | None) -> jwt.PyJWK:
+    async def _key(self, issuer: Issuer, kid: str | None) -> tuple[str, jwt.PyJWK]:
         """The issuer's key named kid; refetch the set (rate-limited) when it is unknown."""
         found = _pick_key(issuer.keys, kid)
         if found is not None:
@@ -105,9 +112,15 @@ class JwtAssertions:
         async with issuer.lock:
             found = _pick_key(issuer.keys, kid)  # another call may have refreshed meanwhile
             if found is None and _may_fetch(issuer):
-                issuer.keys = await _fetch(issuer)
-                issuer.fetched_at = time.monotonic()
+                # Failures count too: an issuer that is down is not asked again on every call.
+                issuer.fetched_at, issuer.failed = time.monotonic(), True
+                issuer.keys, issuer.algs = await _fetch(issuer)
+                issuer.failed = False
                 found = _pick_key(issuer.keys, kid)
+        if found is None and issuer.failed:
+            raise errors.IssuerUnavailable(
+                f"the keys of issuer {issuer.issuer!r} could not be fetched; retrying later"
+            )
         if found is None:
             raise errors.AssertionKeyUnknown(
                 f"issuer {issuer.issuer!r} publishes no key {kid!r}"
@@ -188,11 +201,12 @@ def _user(claims: Mapping[str, Any], issuer: str) -> VerifiedUser:
     )
 
 
-def _pick_key(keys: Mapping[str, jwt.PyJWK], kid: str | None) -> jwt.PyJWK | None:
+def _pick_key(keys: Mapping[str, jwt.PyJWK], kid: str | None) -> tuple[str, jwt.PyJWK] | None:
+    """(kid, key) of the named key; without a kid, the issuer's only key (if it has one)."""
     if kid is not None:
-        return keys.get(kid)
-    # No kid: acceptable only when the issuer publishes exactly one key.
-    return next(iter(keys.values())) if len(keys) == 1 else None
+        key = keys.get(kid)
+        return (kid, key) if key is not None else None
+    return next(iter(keys.items())) if len(keys) == 1 else None
 
 
 def _may_fetch(issuer: Issuer) -> bool:
@@ -202,7 +216,7 @@ def _may_fetch(issuer: Issuer) -> bool:
     return time.monotonic() - issuer.fetched_at >= issuer.refresh_seconds
 
 
-async def _fetch(issuer: Issuer) -> dict[str, jwt.PyJWK]:
+async def _fetch(issuer: Issuer) -> tuple[dict[str, jwt.PyJWK], dict[str, str]]:
     try:
         raw = await asyncio.wait_for(asyncio.to_thread(_read_jwks, issuer), issuer.timeout + 1)
         data = json.loads(raw)
@@ -227,17 +241,25 @@ def _read_jwks(issuer: Issuer) -> bytes:
     return body
 
 
-def _parse_jwks(data: Any, issuer: str) -> dict[str, jwt.PyJWK]:
-    """kid -> key for every usable signing key; symmetric keys are ignored."""
+def _parse_jwks(data: Any, issuer: str) -> tuple[dict[str, jwt.PyJWK], dict[str, str]]:
+    """(kid -> key, kid -> declared alg) for every usable signing key; symmetric keys and
+    keys declaring a disallowed algorithm are ignored."""
     if not isinstance(data, Mapping) or not isinstance(data.get("keys"), list):
         raise errors.IssuerUnavailable(f"issuer {issuer!r} published no JWKS key list")
     keys: dict[str, jwt.PyJWK] = {}
+    algs: dict[str, str] = {}
     for n, jwk in enumerate(data["keys"]):
         if not isinstance(jwk, Mapping) or jwk.get("kty") == "oct" or jwk.get("use") == "enc":
+            continue
+        declared = jwk.get("alg")
+        if declared is not None and declared not in ALLOWED_ALGORITHMS:
             continue
         try:
             key = jwt.PyJWK(dict(jwk))
         except jwt.PyJWTError:
             continue  # an unusable entry does not spoil the others
-        keys[str(jwk.get("kid", f"#{n}"))] = key
-    return keys
+        kid = str(jwk.get("kid", f"#{n}"))
+        keys[kid] = key
+        if declared is not None:
+            algs[kid] = str(declared)
+    return keys, algs

@@ -323,12 +323,15 @@ def test_an_issuer_whose_keys_cannot_be_fetched_is_503_and_nothing_runs(world: W
     assert (r.status_code, r.json()["error"]["code"]) == (503, "issuer_unavailable")
     [record] = w.rb.audit(call_id=r.json()["error"]["call_id"])
     assert (record["kind"], record["reason"]) == ("call.rejected", "issuer_unavailable")
+    # Until a refetch is due the answer stays 503 (the issuer is not asked on every call).
+    r = w.call(w.idp.token("alice", iss=DOWN_ISSUER))
+    assert (r.status_code, r.json()["error"]["code"]) == (503, "issuer_unavailable")
     assert w.upstream.requests == []
 
 
 def test_keys_from_a_jwks_file_and_ec_signatures(tmp_path: Path) -> None:
     from broker.assertions import JwtAssertions, parse_issuers
-    from broker.errors import AssertionAudienceMismatch
+    from broker.errors import AssertionAudienceMismatch, AssertionInvalid
 
     provider = Idp("https://file.test")
     provider.new_key("e1", kind="ec")
@@ -340,6 +343,16 @@ def test_keys_from_a_jwks_file_and_ec_signatures(tmp_path: Path) -> None:
     assert (user.id, user.issuer, user.scopes) == ("erin", provider.issuer, {"a", "broker:self"})
     with pytest.raises(AssertionAudienceMismatch):
         asyncio.run(verifier.verify(provider.token("erin", aud=["other", "more"])))
+    # A key that declares its algorithm accepts no other (RS256 key, PS256 token).
+    rsa_idp = Idp("https://alg.test")
+    rsa_idp.new_key("r1")
+    declared = {"keys": [{**rsa_idp.jwks()["keys"][0], "alg": "RS256"}]}
+    (tmp_path / "rsa.json").write_text(json.dumps(declared))
+    strict = JwtAssertions(parse_issuers([{"issuer": rsa_idp.issuer, "audience": AUDIENCE,
+                                           "jwks_file": str(tmp_path / "rsa.json")}]))  # fmt: skip
+    assert asyncio.run(strict.verify(rsa_idp.token("rob"))).id == "rob"
+    with pytest.raises(AssertionInvalid, match="declares"):
+        asyncio.run(strict.verify(rsa_idp.token("rob", alg="PS256")))
     for bad in ([{"issuer": "x", "audience": "y"}],
                 [{**config, "jwks_url": "http://127.0.0.1:1/"}],
                 [config, config]):  # fmt: skip
