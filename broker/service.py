@@ -324,7 +324,11 @@ class Broker:
                     details={"rule": decision.rule},
                 )
             # Acting for a user: the user's side and the delegation must allow it too.
-            await self.on_behalf.admit(who, call.cap, call.args)
+            try:
+                await self.on_behalf.admit(who, call.cap, call.args)
+            except errors.PolicyDenied as exc:
+                call.rule, call.decision = exc.details.get("rule"), "deny"
+                raise
 
     async def _refuse(self, call: Call, exc: BrokerError) -> None:
         exc.call_id = call.call_id

@@ -403,12 +403,14 @@ def test_a_call_needs_the_agent_and_the_user_and_explain_names_the_side(world: W
     assert (check["allowed"], check["denied_by"]) == (False, "user")
     assert check["user"]["subject"] == "user:alice"
     [record] = w.rb.audit(call_id=r.json()["error"]["call_id"])
-    assert (record["kind"], record["user_id"]) == ("call.denied", "alice")
+    assert (record["kind"], record["user_id"], record["rule"]) == ("call.denied", "alice", None)
     # An explicit deny on the user's side beats the role's allow.
     w.rb.admin.grant_user_role("alice", "customer")
     assert w.call(alice).status_code == 200
-    w.rb.admin.add_policy("user:alice", "test.echo", effect="deny")
-    assert w.call(alice).json()["error"]["denied_by"] == "user"
+    deny = w.rb.admin.add_policy("user:alice", "test.echo", effect="deny")
+    r = w.call(alice)
+    assert r.json()["error"]["denied_by"] == "user"
+    assert w.rb.audit(call_id=r.json()["error"]["call_id"])[0]["rule"] == deny["id"]
     assert w.upstream.requests and len(w.upstream.requests) == 1
     # Replaying the log under a policy that allows alice flips exactly her two user-side
     # denials; the agent-side denial of other.echo stays denied.
