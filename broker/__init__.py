@@ -9,11 +9,15 @@ from __future__ import annotations
 from broker import models
 from broker.client import AsyncBrokerClient, BrokerClient, new_idempotency_key
 from broker.errors import (
+    AssertionInvalid,
+    AssertionRequired,
     AuditUnavailable,
     BrokerError,
     BudgetExhausted,
     CapabilityNotFound,
     Conflict,
+    CredentialRequired,
+    DelegationRequired,
     EgressDenied,
     Forbidden,
     InvalidArguments,
@@ -34,6 +38,8 @@ from broker.errors import (
 )
 
 __all__ = [
+    "AssertionInvalid",
+    "AssertionRequired",
     "AsyncBrokerClient",
     "AuditUnavailable",
     "BrokerClient",
@@ -41,6 +47,8 @@ __all__ = [
     "BudgetExhausted",
     "CapabilityNotFound",
     "Conflict",
+    "CredentialRequired",
+    "DelegationRequired",
     "EgressDenied",
     "Forbidden",
     "InvalidArguments",

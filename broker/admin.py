@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from broker import errors
@@ -17,6 +18,7 @@ from broker.errors import BrokerError
 from broker.ports import AgentRecord, AuditEvent, AuditQuery, Principal, Rule
 from broker.review import PolicyReview, rule_dict
 from broker.service import Broker
+from broker.users import UserAdmin
 
 RESERVED_AGENT_IDS = {"admin"}  # owned by BROKER_BOOTSTRAP_ADMIN_TOKEN
 
@@ -25,6 +27,7 @@ class Admin:
     def __init__(self, broker: Broker) -> None:
         self.b = broker
         self.policies = PolicyReview(self)
+        self.users = UserAdmin(self)
         self._reload_lock = asyncio.Lock()
 
     # -- shared -----------------------------------------------------------------------------
@@ -117,13 +120,22 @@ class Admin:
             raise errors.CapabilityNotFound(f"no capability named {name!r}")
         return cap.model_dump(mode="json", by_alias=True) if is_admin else cap.public_view()
 
-    async def list_capabilities(self, token: str | None, *, all_: bool = False) -> list[Any]:
+    async def list_capabilities(
+        self, token: str | None, *, all_: bool = False, user_assertion: str | None = None
+    ) -> list[Any]:
+        """What the caller may invoke; acting for a user, what the user may invoke too and
+        has delegated to the caller (the intersection)."""
         who = await self.b.authenticate(token)
+        user = await self.b.on_behalf.verify(user_assertion)
         caps = await self.b.registry.list()
         if all_:
             await self.authorize(token, "capabilities.write", "*")
             return [c.model_dump(mode="json", by_alias=True) for c in caps]
-        return [c.public_view() for c in caps if self._may_invoke(who, c.name)]
+        mine = [c.name for c in caps if self._may_invoke(who, c.name)]
+        if user is not None:
+            mine = await self.b.on_behalf.visible(replace(who, user_id=user.id), mine)
+        names = set(mine)
+        return [c.public_view() for c in caps if c.name in names]
 
     def _may_invoke(self, who: Principal, name: str) -> bool:
         """Listed if some call could be allowed: an allow whose condition depends on the

@@ -35,7 +35,7 @@ ASGIApp = Callable[
 ]
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": models.ErrorEnvelope} for code in (400, 401, 403, 404, 409, 413, 422, 503)
+    code: {"model": models.ErrorEnvelope} for code in (400, 401, 403, 404, 409, 413, 422, 428, 503)
 }
 
 
@@ -47,6 +47,8 @@ def bearer(authorization: str | None) -> str | None:
 
 
 Token = Annotated[str | None, Header(alias="Authorization", include_in_schema=False)]
+# The end user a call acts for: a JWT from a trusted issuer (never a bare user id).
+UserAssertion = Annotated[str | None, Header(alias="X-Broker-User-Assertion")]
 
 
 def create_app(broker: Broker, *, max_request_bytes: int = 1_048_576) -> FastAPI:
@@ -70,6 +72,7 @@ def create_app(broker: Broker, *, max_request_bytes: int = 1_048_576) -> FastAPI
     _policy_routes(app, broker)
     _audit_routes(app, broker)
     _deferred_routes(app, broker)
+    _user_routes(app, broker)
     app.router.routes.append(mcp.route())  # /mcp: MCP (streamable HTTP) over the same Broker
     return app
 
@@ -217,10 +220,16 @@ def _capability_routes(app: FastAPI, broker: Broker) -> None:
 
     @app.get("/v1/capabilities", tags=["capabilities"])
     async def list_capabilities(
-        authorization: Token = None, all: bool = False, format: ToolFormat | None = None
+        authorization: Token = None,
+        all: bool = False,
+        format: ToolFormat | None = None,
+        user_assertion: UserAssertion = None,
     ) -> Any:
-        """What the caller may invoke; ``format=openai|anthropic`` gives tool definitions."""
-        caps = await admin.list_capabilities(bearer(authorization), all_=all)
+        """What the caller may invoke (acting for a user: what both may, as delegated);
+        ``format=openai|anthropic`` gives tool definitions."""
+        caps = await admin.list_capabilities(
+            bearer(authorization), all_=all, user_assertion=user_assertion
+        )
         return {"capabilities": caps} if format is None else as_tools(caps, format)
 
     @app.put("/v1/capabilities/{name}", tags=["capabilities"])
@@ -259,6 +268,7 @@ def _capability_routes(app: FastAPI, broker: Broker) -> None:
         traceparent: Annotated[str | None, Header()] = None,
         prefer: Annotated[str | None, Header()] = None,
         x_broker_approval: Annotated[str | None, Header()] = None,
+        user_assertion: UserAssertion = None,
     ) -> Any:
         respond_async = _prefers_async(prefer)
         result = await broker.invoke(
@@ -272,6 +282,7 @@ def _capability_routes(app: FastAPI, broker: Broker) -> None:
                 traceparent=traceparent,
                 respond_async=respond_async,
                 approval_id=x_broker_approval,
+                user_assertion=user_assertion,
             )
         )
         if result.http_status == 202:
@@ -391,7 +402,7 @@ def _policy_routes(app: FastAPI, broker: Broker) -> None:
     async def check_policy(body: models.PolicyCheckIn, authorization: Token = None) -> Any:
         return await policies.check(
             bearer(authorization), subject=body.subject, agent=body.agent, obj=body.object,
-            action=body.action, args=body.args,
+            action=body.action, args=body.args, user=body.user,
         )  # fmt: skip
 
     @app.post("/v1/policies/apply", tags=["policies"], response_model=models.PolicyDiff)
@@ -422,6 +433,7 @@ def _audit_routes(app: FastAPI, broker: Broker) -> None:
         trace_id: str | None = None,
         chain_id: str | None = None,
         contains: str | None = None,
+        user: str | None = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         cursor: str | None = None,
     ) -> Any:
@@ -437,6 +449,7 @@ def _audit_routes(app: FastAPI, broker: Broker) -> None:
             trace_id=trace_id,
             chain_id=chain_id,
             contains=contains,
+            user=user,
             limit=limit,
             cursor=cursor,
         )
@@ -496,3 +509,72 @@ def _deferred_routes(app: FastAPI, broker: Broker) -> None:
     @app.get("/v1/calls/{call_id}", tags=["calls"], response_model=models.CallState)
     async def get_call(call_id: str, authorization: Token = None) -> Any:
         return await deferred.get_call(bearer(authorization), call_id)
+
+
+def _user_routes(app: FastAPI, broker: Broker) -> None:
+    """Per-user credentials, delegations and roles: an operator's token, or (credentials and
+    delegations) the user's own assertion with the ``broker:self`` scope."""
+    users = broker.admin.users
+
+    @app.put("/v1/users/{user_id}/credentials/{name}", tags=["users"],
+             response_model=models.Credential)  # fmt: skip
+    async def put_credential(
+        user_id: str,
+        name: str,
+        body: models.CredentialIn,
+        authorization: Token = None,
+        user_assertion: UserAssertion = None,
+    ) -> Any:
+        return await users.put_credential(
+            bearer(authorization), user_assertion, user_id, name, body.data
+        )
+
+    @app.get("/v1/users/{user_id}/credentials/{name}", tags=["users"],
+             response_model=models.Credential)  # fmt: skip
+    async def get_credential(
+        user_id: str, name: str, authorization: Token = None, user_assertion: UserAssertion = None
+    ) -> Any:
+        """Metadata only (exists, version, updated): a credential is never readable back."""
+        return await users.get_credential(bearer(authorization), user_assertion, user_id, name)
+
+    @app.delete("/v1/users/{user_id}/credentials/{name}", tags=["users"], status_code=204)
+    async def delete_credential(
+        user_id: str, name: str, authorization: Token = None, user_assertion: UserAssertion = None
+    ) -> None:
+        await users.delete_credential(bearer(authorization), user_assertion, user_id, name)
+
+    @app.put("/v1/users/{user_id}/delegations/{agent_id}", tags=["users"],
+             response_model=models.DelegationOut)  # fmt: skip
+    async def put_delegation(
+        user_id: str,
+        agent_id: str,
+        body: models.DelegationIn,
+        authorization: Token = None,
+        user_assertion: UserAssertion = None,
+    ) -> Any:
+        return await users.put_delegation(bearer(authorization), user_assertion, user_id,
+                                          agent_id, body.capabilities, body.expires_at)  # fmt: skip
+
+    @app.get("/v1/users/{user_id}/delegations", tags=["users"],
+             response_model=models.DelegationList)  # fmt: skip
+    async def list_delegations(
+        user_id: str, authorization: Token = None, user_assertion: UserAssertion = None
+    ) -> Any:
+        found = await users.list_delegations(bearer(authorization), user_assertion, user_id)
+        return {"delegations": found}
+
+    @app.delete("/v1/users/{user_id}/delegations/{agent_id}", tags=["users"], status_code=204)
+    async def delete_delegation(
+        user_id: str, agent_id: str, authorization: Token = None,
+        user_assertion: UserAssertion = None,
+    ) -> None:  # fmt: skip
+        await users.delete_delegation(bearer(authorization), user_assertion, user_id, agent_id)
+
+    @app.put("/v1/users/{user_id}/roles/{role}", tags=["users"], response_model=models.UserRoles)
+    async def grant_user_role(user_id: str, role: str, authorization: Token = None) -> Any:
+        return await users.grant_role(bearer(authorization), user_id, role)
+
+    @app.delete("/v1/users/{user_id}/roles/{role}", tags=["users"],
+                response_model=models.UserRoles)  # fmt: skip
+    async def revoke_user_role(user_id: str, role: str, authorization: Token = None) -> Any:
+        return await users.revoke_role(bearer(authorization), user_id, role)

@@ -41,10 +41,10 @@ MAX_LIMIT = 1000
 _COLUMNS = (
     "call_id", "kind", "agent_id", "capability", "capability_version", "decision", "rule",
     "reason", "status", "upstream_status", "latency_ms", "cost", "task_id", "trace_id",
-    "idempotency_key",
+    "idempotency_key", "user_id",
 )  # fmt: skip
 _STORED = (*chain.HASHED_FIELDS, "hash")
-_ROWS_PER_INSERT = 1000  # 22 parameters a row stays under SQLite's 32,766 variables
+_ROWS_PER_INSERT = 1000  # 23 parameters a row stays under SQLite's 32,766 variables
 _STOP = object()
 # Event ids need uniqueness, not secrecy. os.urandom is a syscall that drops the GIL, and on
 # the request path every reacquisition contends with the writer thread (measured: ~40 us).
@@ -113,7 +113,7 @@ class SqlAuditLog:
             await self.append(AuditEvent(
                 kind="call.abandoned", call_id=row["call_id"], agent_id=row["agent_id"],
                 capability=row["capability"], capability_version=row["capability_version"],
-                task_id=row["task_id"], reason="outcome_unknown",
+                task_id=row["task_id"], user_id=row["user_id"], reason="outcome_unknown",
                 detail={"why": "the broker stopped after call.started; the outcome is unknown"},
             ))  # fmt: skip
         return len(dangling)
@@ -150,7 +150,7 @@ class SqlAuditLog:
         )
         stmt = (
             select(t.c.call_id, t.c.agent_id, t.c.capability, t.c.capability_version,
-                   t.c.task_id)
+                   t.c.task_id, t.c.user_id)
             .where(and_(t.c.chain_id == self.chain_id, t.c.kind == "call.started", ~ended))
             .order_by(t.c.seq)
         )  # fmt: skip
@@ -338,7 +338,7 @@ class SqlAuditLog:
         filters = {
             t.c.agent_id: q.agent, t.c.capability: q.capability, t.c.kind: q.kind,
             t.c.decision: q.decision, t.c.call_id: q.call_id, t.c.task_id: q.task_id,
-            t.c.trace_id: q.trace_id, t.c.chain_id: q.chain_id,
+            t.c.trace_id: q.trace_id, t.c.chain_id: q.chain_id, t.c.user_id: q.user,
         }  # fmt: skip
         for column, value in filters.items():
             if value is not None:
@@ -466,6 +466,7 @@ def _abandoned(started: dict[str, Any]) -> dict[str, Any]:
                 "capability_version",
                 "task_id",
                 "chain_id",
+                "user_id",
             )
         }
     )

@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from broker.admin import Admin
+from broker.assertions import JwtAssertions, parse_issuers
 from broker.audit import SqlAuditLog
 from broker.breaker import CircuitBreakers
 from broker.capabilities import load_manifest_files, parse_manifest
 from broker.config import Settings
 from broker.db import make_engine, migrate
 from broker.deferred import Deferred
+from broker.delegations import SqlDelegationStore
 from broker.errors import BrokerError
 from broker.guards import LocalGuards
 from broker.idempotency import SqlIdempotencyStore
@@ -21,6 +23,7 @@ from broker.identity import SqlDirectory
 from broker.jobs import SqlCallStore
 from broker.keyring import AuditKeys
 from broker.metrics import MeteredAuditLog, PrometheusMetrics
+from broker.onbehalf import OnBehalf
 from broker.policy import CasbinPolicy, parse_policy_csv
 from broker.ports import Tracer
 from broker.registry import SqlCapabilityRegistry
@@ -50,18 +53,19 @@ def build_broker(settings: Settings, *, tracer: Tracer | None = None) -> Broker:
     metrics = PrometheusMetrics()  # a registry per broker, served at GET /metrics
     engine = make_engine(settings.resolved_database_url(), busy_timeout=settings.audit_timeout)
     migrate(engine)
+    vault = VaultSecretStore(
+        url=settings.vault_addr,
+        token=settings.vault_token.get_secret_value(),
+        timeout=settings.vault_timeout,
+        cache_ttl=settings.secret_cache_ttl,
+        metrics=metrics,
+    )
     broker = Broker(
         registry=SqlCapabilityRegistry(engine),
         directory=SqlDirectory(engine),
         rulebook=SqlRulebook(engine),
         policy=CasbinPolicy(),
-        secrets=VaultSecretStore(
-            url=settings.vault_addr,
-            token=settings.vault_token.get_secret_value(),
-            timeout=settings.vault_timeout,
-            cache_ttl=settings.secret_cache_ttl,
-            metrics=metrics,
-        ),
+        secrets=vault,
         upstream=HttpUpstream(egress_allow=settings.egress_allow, tracer=tracer),
         guards=LocalGuards(),
         audit=MeteredAuditLog(_audit_log(engine, settings), metrics),
@@ -80,6 +84,13 @@ def build_broker(settings: Settings, *, tracer: Tracer | None = None) -> Broker:
         retry=RetryPolicy(
             settings.retry_attempts, settings.retry_backoff, settings.retry_backoff_max
         ),
+    )
+    issuers = parse_issuers(settings.user_issuers)
+    broker.on_behalf = OnBehalf(
+        assertions=JwtAssertions(issuers) if issuers else None,
+        delegations=SqlDelegationStore(engine),
+        credentials=vault,
+        policy=broker.policy,
     )
     broker.admin = Admin(broker)
     broker.deferred = Deferred(

@@ -6,7 +6,10 @@ verifier (``broker audit verify --file``). The only module that imports ``crypto
 Canonical encoding (stable across versions and across SQLite/PostgreSQL): the values of the
 record's fields in ``HASHED_FIELDS`` order, as a JSON array with no whitespace, UTF-8, no
 ASCII escaping (``null`` for an absent value); ``data`` is hashed as the exact text that is
-stored. New fields are only ever appended to ``HASHED_FIELDS``. Then
+stored. New fields are only ever appended to ``HASHED_FIELDS``; a field appended after the
+first 21 (``user_id``) is left out of the array while it and every field after it are null, so
+records written before it existed keep their hashes (and setting it on such a record, or
+clearing it, changes the hash). Then
 
     hash = sha256(prev_hash_hex + "\\n" + canonical_json).hexdigest()
 
@@ -36,7 +39,9 @@ HASHED_FIELDS = (
     "chain_id", "seq", "event_id", "time", "kind", "call_id", "agent_id", "capability",
     "capability_version", "decision", "rule", "reason", "status", "upstream_status",
     "latency_ms", "cost", "task_id", "trace_id", "idempotency_key", "data", "prev_hash",
+    "user_id",
 )  # fmt: skip
+BASE_FIELDS = 21  # always hashed; later fields only when set (see the module docstring)
 CHECKPOINT_FIELDS = ("chain_id", "seq", "hash", "time", "key_id")
 
 
@@ -56,7 +61,10 @@ def record_hash(record: Mapping[str, Any]) -> str:
 
 def values_hash(values: Sequence[Any]) -> str:
     """The hash of a record given as its values in ``HASHED_FIELDS`` order."""
-    body = _encode(values)
+    n = len(values)
+    while n > BASE_FIELDS and values[n - 1] is None:
+        n -= 1
+    body = _encode(values if n == len(values) else values[:n])
     return hashlib.sha256(f"{values[PREV_HASH]}\n{body}".encode()).hexdigest()
 
 

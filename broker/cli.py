@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -490,15 +491,20 @@ def policy_delete(client: BrokerClient, rule_id: str) -> None:
     callback=lambda c, p, v: v and _json_object(c, p, v),
     help="The call's arguments as a JSON object.",
 )
+@click.option(
+    "--user", help="The agent acting for this user: checks both sides and the delegation."
+)
 @uses_client
 def policy_check(
     client: BrokerClient, agent_id: str, capability_name: str, action: str,
-    args: dict[str, Any] | None,
+    args: dict[str, Any] | None, user: str | None,
 ) -> None:  # fmt: skip
     """Would AGENT_ID (an agent id, or a subject like role:reader) be allowed, and why?"""
     who = {"subject": agent_id} if ":" in agent_id else {"agent": agent_id}
-    d = client.check_policy(capability_name, action=action, args=args, **who)
+    d = client.check_policy(capability_name, action=action, args=args, user=user, **who)
     verdict = "allowed" if d["allowed"] else "denied"
+    if d.get("denied_by"):
+        verdict += f" by the {d['denied_by']} side"
     reason = f"  ({d['reason']})" if d.get("reason") else ""
     click.echo(
         f"{verdict}: {agent_id} {action} {capability_name}  rule: {d.get('rule') or '-'}{reason}"
@@ -638,6 +644,7 @@ def fetch_events(client: BrokerClient, limit: int, **filters: Any) -> list[dict[
 @click.option("--call-id")
 @click.option("--task", help="Task id (X-Broker-Task).")
 @click.option("--trace-id")
+@click.option("--user", help="The user id the calls acted for.")
 @click.option("--contains", help="Text in the stored arguments/detail, e.g. an HMAC from `hash`.")
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True, help="Print the events as JSON.")
@@ -872,6 +879,11 @@ def call_get(client: BrokerClient, call_id: str) -> None:
 @click.option("--task", help="Task id (X-Broker-Task) for budgets and the audit log.")
 @click.option("--async", "respond_async", is_flag=True,
               help="Run as a durable job (Prefer: respond-async); prints the call id.")  # fmt: skip
+@click.option(
+    "--user-assertion",
+    envvar="BROKER_USER_ASSERTION",
+    help="Act for the user this JWT names (X-Broker-User-Assertion).",
+)
 @uses_client
 def invoke(
     client: BrokerClient,
@@ -880,10 +892,137 @@ def invoke(
     idempotency_key: str | None,
     task: str | None,
     respond_async: bool,
+    user_assertion: str | None,
 ) -> None:
     """Invoke a capability as the token's agent; prints the broker's answer."""
-    echo_json(client.invoke(capability_name, args, idempotency_key=idempotency_key, task=task,
-                            respond_async=respond_async))  # fmt: skip
+    echo_json(
+        client.invoke(
+            capability_name,
+            args,
+            idempotency_key=idempotency_key,
+            task=task,
+            respond_async=respond_async,
+            user_assertion=user_assertion,
+        )
+    )
+
+
+# --- users: credentials, delegations, roles ------------------------------------------------
+
+
+@cli.group()
+def user() -> None:
+    """Per-user credentials, delegations to agents, and user roles."""
+
+
+@user.group("credential")
+def user_credential() -> None:
+    """Write, inspect (metadata only) and delete a user's credentials."""
+
+
+@user_credential.command("set")
+@click.argument("user_id")
+@click.argument("name")
+@click.option("--key", default="token", show_default=True, help="The field the value goes in.")
+@click.option(
+    "--data-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A JSON object of fields instead (the value is then not read from stdin).",
+)
+@uses_client
+def user_credential_set(
+    client: BrokerClient, user_id: str, name: str, key: str, data_file: Path | None
+) -> None:
+    """Write (or replace) credential NAME of USER_ID. The value is read from stdin (or a
+    hidden prompt), never from argv; it cannot be read back through the broker."""
+    if data_file is not None:
+        data = json.loads(data_file.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            fail("invalid_request", f"{data_file} must hold a JSON object of fields")
+    elif sys.stdin.isatty():
+        data = {key: click.prompt(key, hide_input=True)}
+    else:
+        data = {key: sys.stdin.read().strip()}
+    meta = client.put_user_credential(user_id, name, data)
+    click.echo(f"{user_id}/{name}: version {meta['version']} ({meta['updated']})")
+
+
+@user_credential.command("show")
+@click.argument("user_id")
+@click.argument("name")
+@uses_client
+def user_credential_show(client: BrokerClient, user_id: str, name: str) -> None:
+    """Metadata of credential NAME of USER_ID: exists, version, updated."""
+    echo_json(client.get_user_credential(user_id, name))
+
+
+@user_credential.command("delete")
+@click.argument("user_id")
+@click.argument("name")
+@uses_client
+def user_credential_delete(client: BrokerClient, user_id: str, name: str) -> None:
+    """Delete credential NAME of USER_ID (every version)."""
+    client.delete_user_credential(user_id, name)
+    click.echo(f"deleted {user_id}/{name}")
+
+
+@user.command("delegate")
+@click.argument("user_id")
+@click.argument("agent_id")
+@click.option(
+    "--capability", "capabilities", multiple=True, required=True,
+    help="A capability name or glob (repeat for more).",
+)  # fmt: skip
+@click.option("--expires", required=True, help="ISO 8601 with a zone, e.g. 2026-12-31T00:00:00Z")
+@uses_client
+def user_delegate(
+    client: BrokerClient, user_id: str, agent_id: str, capabilities: tuple[str, ...], expires: str
+) -> None:
+    """Let AGENT_ID act for USER_ID on these capabilities until --expires (replaces any)."""
+    d = client.delegate(user_id, agent_id, list(capabilities), expires)
+    click.echo(f"{user_id} -> {agent_id}: {_cell(d['capabilities'])} until {d['expires_at']}")
+
+
+@user.command("revoke")
+@click.argument("user_id")
+@click.argument("agent_id")
+@uses_client
+def user_revoke(client: BrokerClient, user_id: str, agent_id: str) -> None:
+    """Revoke USER_ID's delegation to AGENT_ID (effective from the next call)."""
+    client.revoke_delegation(user_id, agent_id)
+    click.echo(f"revoked {user_id} -> {agent_id}")
+
+
+@user.command("delegations")
+@click.argument("user_id")
+@uses_client
+def user_delegations(client: BrokerClient, user_id: str) -> None:
+    """List USER_ID's delegations."""
+    rows = [
+        [d["agent_id"], _cell(d["capabilities"]), d["expires_at"], "yes" if d["expired"] else ""]
+        for d in client.list_delegations(user_id)
+    ]
+    click.echo(table(("agent", "capabilities", "expires_at", "expired"), rows))
+
+
+@user.command("grant")
+@click.argument("user_id")
+@click.argument("role_name")
+@uses_client
+def user_grant(client: BrokerClient, user_id: str, role_name: str) -> None:
+    """Grant ROLE_NAME to user USER_ID (policy subject user:USER_ID)."""
+    out = client.grant_user_role(user_id, role_name)
+    click.echo(f"user:{out['id']} now holds: {_cell(out['roles'])}")
+
+
+@user.command("ungrant")
+@click.argument("user_id")
+@click.argument("role_name")
+@uses_client
+def user_ungrant(client: BrokerClient, user_id: str, role_name: str) -> None:
+    """Revoke ROLE_NAME from user USER_ID."""
+    out = client.revoke_user_role(user_id, role_name)
+    click.echo(f"user:{out['id']} now holds: {_cell(out['roles'])}")
 
 
 if __name__ == "__main__":

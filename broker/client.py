@@ -8,6 +8,7 @@ this module pulls in no server dependency (no FastAPI, SQLAlchemy, hvac, casbin)
         out = broker.invoke("github.issues.create", {...}, idempotency_key=new_idempotency_key())
         task = broker.for_task("ticket-4711")                 # budgets and audit by task
         task.invoke("slack.chat.post", {...})
+        broker.invoke("github.issues.create", {...}, user_assertion=jwt)  # acting for a user
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ def _settings(url: str | None, token: str | None) -> tuple[str, dict[str, str]]:
 
 
 def _call_headers(
-    idempotency_key: str | None,
-    task: str | None,
+    idempotency_key: str | None = None,
+    task: str | None = None,
+    user_assertion: str | None = None,
     *,
     respond_async: bool = False,
     approval_id: str | None = None,
@@ -55,6 +57,8 @@ def _call_headers(
         headers["Prefer"] = "respond-async"
     if approval_id:
         headers["X-Broker-Approval"] = approval_id
+    if user_assertion:
+        headers["X-Broker-User-Assertion"] = user_assertion
     return headers
 
 
@@ -109,9 +113,13 @@ class BrokerClient:
         """Calls made through the view carry ``X-Broker-Task: task``."""
         return TaskView(self, task)
 
-    def tools(self, fmt: Format) -> dict[str, Any]:
-        """``{"tools": [...], "names": {tool name: capability}}`` in OpenAI or Anthropic form."""
-        out: dict[str, Any] = self.request("GET", "/v1/capabilities", params={"format": fmt})
+    def tools(self, fmt: Format, *, user_assertion: str | None = None) -> dict[str, Any]:
+        """``{"tools": [...], "names": {tool name: capability}}`` in OpenAI or Anthropic form
+        (acting for a user: only what the user may use too and has delegated)."""
+        out: dict[str, Any] = self.request(
+            "GET", "/v1/capabilities", params={"format": fmt},
+            headers=_call_headers(user_assertion=user_assertion),
+        )  # fmt: skip
         return out
 
     # -- calls -----------------------------------------------------------------------------
@@ -125,11 +133,17 @@ class BrokerClient:
         task: str | None = None,
         respond_async: bool = False,
         approval_id: str | None = None,
+        user_assertion: str | None = None,
     ) -> dict[str, Any]:
         """The result; or, answered 202, ``{"call_id", "status": "queued"|"approval_pending"}``
-        (``respond_async``: run as a durable job; see ``get_call``/``wait_call``)."""
+        (``respond_async``: run as a durable job; see ``get_call``/``wait_call``). With
+        ``user_assertion`` (the user's JWT) the call acts for that user."""
         headers = _call_headers(
-            idempotency_key, task, respond_async=respond_async, approval_id=approval_id
+            idempotency_key,
+            task,
+            user_assertion,
+            respond_async=respond_async,
+            approval_id=approval_id,
         )
         result: dict[str, Any] = self.request(
             "POST",
@@ -173,11 +187,13 @@ class BrokerClient:
         )
         return out
 
-    def list_capabilities(self, *, all: bool = False) -> list[dict[str, Any]]:
+    def list_capabilities(
+        self, *, all: bool = False, user_assertion: str | None = None
+    ) -> list[dict[str, Any]]:
         params = {"all": "true"} if all else {}
-        caps: list[dict[str, Any]] = self.request("GET", "/v1/capabilities", params=params)[
-            "capabilities"
-        ]
+        headers = _call_headers(user_assertion=user_assertion)
+        answer = self.request("GET", "/v1/capabilities", params=params, headers=headers)
+        caps: list[dict[str, Any]] = answer["capabilities"]
         return caps
 
     # -- admin -----------------------------------------------------------------------------
@@ -283,13 +299,17 @@ class BrokerClient:
         subject: str | None = None,
         action: str = "invoke",
         args: dict[str, Any] | None = None,
+        user: str | None = None,
     ) -> dict[str, Any]:
+        """Explain a decision; with ``agent`` and ``user``: that agent acting for that user
+        (``denied_by`` names the side that refused: agent, user or delegation)."""
         body = {
             "object": object,
             "action": action,
             "agent": agent,
             "subject": subject,
             "args": args,
+            "user": user,
         }
         out: dict[str, Any] = self.request("POST", "/v1/policies/check", json=body)
         return out
@@ -316,6 +336,73 @@ class BrokerClient:
     def audit(self, **filters: Any) -> dict[str, Any]:
         params = {k: v for k, v in filters.items() if v is not None}
         out: dict[str, Any] = self.request("GET", "/v1/audit", params=params)
+        return out
+
+    # -- users: credentials (never readable back), delegations, roles -----------------------
+
+    def put_user_credential(
+        self, user_id: str, name: str, data: dict[str, str], *, user_assertion: str | None = None
+    ) -> dict[str, Any]:
+        """Write (or replace) a user's credential; metadata comes back, never the value."""
+        out: dict[str, Any] = self.request(
+            "PUT", f"/v1/users/{user_id}/credentials/{name}", json={"data": data},
+            headers=_call_headers(user_assertion=user_assertion),
+        )  # fmt: skip
+        return out
+
+    def get_user_credential(
+        self, user_id: str, name: str, *, user_assertion: str | None = None
+    ) -> dict[str, Any]:
+        out: dict[str, Any] = self.request(
+            "GET", f"/v1/users/{user_id}/credentials/{name}",
+            headers=_call_headers(user_assertion=user_assertion),
+        )  # fmt: skip
+        return out
+
+    def delete_user_credential(
+        self, user_id: str, name: str, *, user_assertion: str | None = None
+    ) -> None:
+        self.request("DELETE", f"/v1/users/{user_id}/credentials/{name}",
+                     headers=_call_headers(user_assertion=user_assertion))  # fmt: skip
+
+    def delegate(
+        self,
+        user_id: str,
+        agent_id: str,
+        capabilities: list[str],
+        expires_at: str,
+        *,
+        user_assertion: str | None = None,
+    ) -> dict[str, Any]:
+        """Let the agent act for the user on these capabilities (names or globs) until then."""
+        body = {"capabilities": capabilities, "expires_at": expires_at}
+        out: dict[str, Any] = self.request(
+            "PUT", f"/v1/users/{user_id}/delegations/{agent_id}", json=body,
+            headers=_call_headers(user_assertion=user_assertion),
+        )  # fmt: skip
+        return out
+
+    def list_delegations(
+        self, user_id: str, *, user_assertion: str | None = None
+    ) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = self.request(
+            "GET", f"/v1/users/{user_id}/delegations",
+            headers=_call_headers(user_assertion=user_assertion),
+        )["delegations"]  # fmt: skip
+        return found
+
+    def revoke_delegation(
+        self, user_id: str, agent_id: str, *, user_assertion: str | None = None
+    ) -> None:
+        self.request("DELETE", f"/v1/users/{user_id}/delegations/{agent_id}",
+                     headers=_call_headers(user_assertion=user_assertion))  # fmt: skip
+
+    def grant_user_role(self, user_id: str, role: str) -> dict[str, Any]:
+        out: dict[str, Any] = self.request("PUT", f"/v1/users/{user_id}/roles/{role}")
+        return out
+
+    def revoke_user_role(self, user_id: str, role: str) -> dict[str, Any]:
+        out: dict[str, Any] = self.request("DELETE", f"/v1/users/{user_id}/roles/{role}")
         return out
 
 
@@ -372,9 +459,15 @@ class AsyncBrokerClient:
         task: str | None = None,
         respond_async: bool = False,
         approval_id: str | None = None,
+        user_assertion: str | None = None,
     ) -> dict[str, Any]:
+        """Invoke; see ``BrokerClient.invoke``."""
         headers = _call_headers(
-            idempotency_key, task, respond_async=respond_async, approval_id=approval_id
+            idempotency_key,
+            task,
+            user_assertion,
+            respond_async=respond_async,
+            approval_id=approval_id,
         )
         result: dict[str, Any] = await self.request(
             "POST", f"/v1/capabilities/{capability}/invoke", json={"args": args or {}},
@@ -396,13 +489,17 @@ class AsyncBrokerClient:
             await asyncio.sleep(interval)
         return out
 
-    async def list_capabilities(self) -> list[dict[str, Any]]:
-        caps: list[dict[str, Any]] = (await self.request("GET", "/v1/capabilities"))["capabilities"]
+    async def list_capabilities(self, *, user_assertion: str | None = None) -> list[dict[str, Any]]:
+        headers = _call_headers(user_assertion=user_assertion)
+        answer = await self.request("GET", "/v1/capabilities", headers=headers)
+        caps: list[dict[str, Any]] = answer["capabilities"]
         return caps
 
-    async def tools(self, fmt: Format) -> dict[str, Any]:
-        out: dict[str, Any] = await self.request("GET", "/v1/capabilities",
-                                                 params={"format": fmt})  # fmt: skip
+    async def tools(self, fmt: Format, *, user_assertion: str | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = await self.request(
+            "GET", "/v1/capabilities", params={"format": fmt},
+            headers=_call_headers(user_assertion=user_assertion),
+        )  # fmt: skip
         return out
 
 

@@ -114,6 +114,7 @@ audit_events = Table(
     Column("data", Text, nullable=False),
     Column("prev_hash", String(64), nullable=False),
     Column("hash", String(64), nullable=False),
+    Column("user_id", String(128), nullable=True, index=True),  # migration 0004
     UniqueConstraint("chain_id", "seq", name="uq_audit_chain_seq"),
 )
 
@@ -165,6 +166,7 @@ calls = Table(
     Column("state", String(24), nullable=False, index=True),
     Column("approval_id", String(64), nullable=True),
     Column("runner", String(64), nullable=True),  # the instance (audit chain) running it
+    Column("user_id", String(128), nullable=True),  # the user the call acts for
     Column("http_status", Integer, nullable=True),
     Column("response", Text, nullable=True),
     Column("created_at", String(32), nullable=False),
@@ -187,6 +189,18 @@ approvals = Table(
     Column("expires_at", String(32), nullable=False),
     Column("decided_at", String(32), nullable=True),
     Column("used_at", String(32), nullable=True),
+)
+
+# A user's delegation to an agent: which capabilities (names or globs) and until when.
+delegations = Table(
+    "delegations",
+    metadata,
+    Column("user_id", String(128), primary_key=True),
+    Column("agent_id", String(64), primary_key=True),
+    Column("capabilities", Text, nullable=False),  # JSON list of names or globs
+    Column("expires_at", String(32), nullable=True),
+    Column("created_at", String(32), nullable=False),
+    Column("created_by", String(200), nullable=False),
 )
 
 

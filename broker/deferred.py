@@ -29,6 +29,7 @@ import json
 import logging
 import time
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
@@ -142,13 +143,14 @@ class Deferred:
         found = await self.store.get_approval(approval_id)
         if found is None:
             raise errors.ApprovalNotFound(f"no approval {approval_id!r}")
+        held = await self.store.get_call(found.call_id)
         if (found.agent_id, found.capability, found.args_hash) != (
             call.principal.agent_id,
             call.cap.name,
             args_hash(call.args),
-        ):
+        ) or (held is not None and held.user_id != call.principal.user_id):
             raise errors.ApprovalMismatch(
-                f"approval {approval_id} was given for another agent, capability or arguments"
+                f"approval {approval_id} was given for another agent, user, capability or arguments"
             )
         if found.status != "pending":
             raise _REFUSED_APPROVAL[found.status](f"approval {approval_id} is {found.status}")
@@ -346,6 +348,10 @@ class Deferred:
             raise errors.Unauthenticated(f"agent {job.agent_id} is disabled")
         roles = tuple(r.removeprefix("role:") for r in self.b.policy.roles_of(f"agent:{agent.id}"))
         who = Principal(agent.id, agent.name, roles, dict(agent.attributes))
+        if job.user_id is not None:
+            # The assertion was verified when the call was accepted; the user's permission
+            # and the delegation are checked again now, as for an immediate call.
+            who = replace(who, user_id=job.user_id)
         call.principal = who
         call.cap = await self.b.registry.get(job.capability)
         if call.cap is None:
@@ -364,6 +370,8 @@ class Deferred:
                 f"{who.subject} may no longer invoke {call.cap.name}",
                 details={"rule": decision.rule},
             )
+        if who.user_id is not None:
+            await self.b.on_behalf.admit(who, call.cap, call.args)
 
     async def _end(self, call_id: str, state: str, status: int, body: dict[str, Any]) -> None:
         if not await self.store.transition(
@@ -404,6 +412,7 @@ def _stored(call: Call, state: str, approval_id: str | None = None) -> StoredCal
         capability_version=call.cap.version, args=call.args, args_hash=args_hash(call.args),
         state=state, task_id=req.task_id, trace_id=call.trace_id or req.trace_id,
         idempotency_key=req.idempotency_key, approval_id=approval_id,
+        user_id=call.principal.user_id,
     )  # fmt: skip
 
 

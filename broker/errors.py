@@ -8,9 +8,17 @@ Foreign exceptions (hvac, SQLAlchemy, aiohttp, casbin) are translated once, at t
     ├── InvalidRequest (400 invalid_request)
     │   └── InvalidIdempotencyKey (400 invalid_idempotency_key)
     ├── Unauthenticated (401 unauthenticated)
+    │   ├── AssertionRequired (401 assertion_required)
+    │   └── AssertionInvalid (401 assertion_invalid)
+    │       ├── AssertionExpired (401 assertion_expired)
+    │       ├── AssertionNotYetValid (401 assertion_not_yet_valid)
+    │       ├── AssertionIssuerUnknown (401 assertion_issuer_unknown)
+    │       ├── AssertionAudienceMismatch (401 assertion_audience_mismatch)
+    │       └── AssertionKeyUnknown (401 assertion_key_unknown)
     ├── BudgetExhausted (402 budget_exhausted)
     ├── Forbidden (403 forbidden)
     │   ├── PolicyDenied (403 policy_denied)
+    │   │   └── DelegationRequired (403 delegation_required)
     │   ├── EgressDenied (403 egress_denied)
     │   └── ApprovalMismatch (403 approval_mismatch)
     ├── NotFound (404 not_found)
@@ -30,12 +38,14 @@ Foreign exceptions (hvac, SQLAlchemy, aiohttp, casbin) are translated once, at t
     │   ├── InvalidArguments (422 invalid_arguments)
     │   ├── InvalidManifest (422 invalid_manifest)
     │   └── IdempotencyKeyReused (422 idempotency_key_reused)
+    ├── CredentialRequired (428 credential_required)
     ├── RateLimited (429 rate_limited)
     ├── UpstreamError (502 upstream_error)
     │   ├── UpstreamResponseTooLarge (502 upstream_response_too_large)
     │   └── OutcomeUnknown (502 outcome_unknown)
     ├── Unavailable (503 unavailable)
     │   ├── AuditUnavailable (503 audit_unavailable)
+    │   ├── IssuerUnavailable (503 issuer_unavailable)
     │   ├── SecretUnavailable (503 secret_unavailable)
     │   ├── StorageUnavailable (503 storage_unavailable)
     │   └── UpstreamUnavailable (503 upstream_unavailable)
@@ -91,6 +101,39 @@ class Unauthenticated(BrokerError):
     status, code, default_message = 401, "unauthenticated", "a valid broker token is required"
 
 
+class AssertionRequired(Unauthenticated):
+    code = "assertion_required"
+    default_message = "this capability acts for a user: send X-Broker-User-Assertion"
+
+
+class AssertionInvalid(Unauthenticated):
+    """The user assertion (X-Broker-User-Assertion) could not be verified."""
+
+    code, default_message = "assertion_invalid", "the user assertion is not valid"
+
+
+class AssertionExpired(AssertionInvalid):
+    code, default_message = "assertion_expired", "the user assertion has expired"
+
+
+class AssertionNotYetValid(AssertionInvalid):
+    code, default_message = "assertion_not_yet_valid", "the user assertion is not valid yet"
+
+
+class AssertionIssuerUnknown(AssertionInvalid):
+    code, default_message = "assertion_issuer_unknown", "the user assertion's issuer is not trusted"
+
+
+class AssertionAudienceMismatch(AssertionInvalid):
+    code = "assertion_audience_mismatch"
+    default_message = "the user assertion is not meant for this broker"
+
+
+class AssertionKeyUnknown(AssertionInvalid):
+    code = "assertion_key_unknown"
+    default_message = "the user assertion is signed with a key its issuer does not publish"
+
+
 class BudgetExhausted(BrokerError):
     status, code, default_message = 402, "budget_exhausted", "the budget is exhausted"
 
@@ -101,6 +144,11 @@ class Forbidden(BrokerError):
 
 class PolicyDenied(Forbidden):
     code, default_message = "policy_denied", "the policy does not allow this call"
+
+
+class DelegationRequired(PolicyDenied):
+    code = "delegation_required"
+    default_message = "the user has not delegated this capability to this agent"
 
 
 class EgressDenied(Forbidden):
@@ -183,6 +231,13 @@ class IdempotencyKeyReused(Unprocessable):
     default_message = "this Idempotency-Key was used with other arguments"
 
 
+class CredentialRequired(BrokerError):
+    """A per-user credential the capability needs is not connected (the agent can ask for it)."""
+
+    status, code = 428, "credential_required"
+    default_message = "the user has not connected a credential this capability needs"
+
+
 class RateLimited(BrokerError):
     status, code, default_message = 429, "rate_limited", "too many calls"
 
@@ -206,6 +261,11 @@ class Unavailable(BrokerError):
 
 class AuditUnavailable(Unavailable):
     code, default_message = "audit_unavailable", "the audit log cannot be written; nothing executed"
+
+
+class IssuerUnavailable(Unavailable):
+    code = "issuer_unavailable"
+    default_message = "the user assertion's issuer keys cannot be fetched"
 
 
 class SecretUnavailable(Unavailable):

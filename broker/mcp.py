@@ -7,6 +7,9 @@ on its own (stateless, JSON responses), so nothing about a caller outlives its r
 
 - ``tools/list`` is ``Admin.list_capabilities`` with the caller's token, computed per request,
   so a policy or role change shows in the next listing;
+- an ``X-Broker-User-Assertion`` header on the MCP HTTP request makes the request act for
+  that (verified) user: ``tools/list`` is then the intersection with what the user may use
+  and delegated, and ``tools/call`` runs on the user's behalf;
 - ``tools/call`` is ``Broker.invoke`` with ``{"args": arguments}``, the same pipeline as
   ``POST /v1/capabilities/{name}/invoke`` (policy, guards, secrets, audit, redaction).
   A refusal or failure is a tool error (``isError``) carrying the broker's code, message
@@ -103,7 +106,9 @@ class McpEndpoint:
         self, ctx: Context, _params: types.PaginatedRequestParams | None
     ) -> types.ListToolsResult:
         try:
-            caps = await self.broker.admin.list_capabilities(_token(ctx))
+            caps = await self.broker.admin.list_capabilities(
+                _token(ctx), user_assertion=_request_header(ctx, "x-broker-user-assertion")
+            )
         except Exception as exc:
             raise _protocol_error(_broker_error(exc, "tools/list")) from None
         # Per caller and per policy: never to be shared or reused by a client cache.
@@ -119,6 +124,7 @@ class McpEndpoint:
             capability=params.name,
             body=json.dumps({"args": params.arguments or {}}).encode(),
             task_id=_request_header(ctx, "x-broker-task"),
+            user_assertion=_request_header(ctx, "x-broker-user-assertion"),
         )
         try:
             result = await self.broker.invoke(request)

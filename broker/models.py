@@ -93,6 +93,9 @@ class PolicyList(BaseModel):
 class PolicyCheckIn(_Strict):
     subject: str | None = Field(default=None, description="agent:<id> or role:<name>")
     agent: str | None = Field(default=None, description="an agent id (instead of subject)")
+    user: str | None = Field(
+        default=None, description="with agent: that agent acting for this user"
+    )
     object: str = Field(description="a capability name")
     action: str = "invoke"
     args: dict[str, Any] | None = None
@@ -107,6 +110,11 @@ class PolicyCheckOut(BaseModel):
     matched: list[dict[str, Any]] = Field(
         default_factory=list, description="every matching rule, its condition's checks"
     )
+    denied_by: str | None = Field(
+        default=None, description="acting for a user: agent | user | delegation (None: allowed)"
+    )
+    user: dict[str, Any] | None = Field(default=None, description="the user's side, explained")
+    delegation: dict[str, Any] | None = None
 
 
 class PolicyApplyIn(_Strict):
@@ -213,6 +221,44 @@ class AuditVerify(BaseModel):
 
 class HashIn(_Strict):
     value: Any
+
+
+class CredentialIn(_Strict):
+    data: dict[str, str] = Field(description="the credential's fields; never readable back")
+
+
+class Credential(BaseModel):
+    """A per-user credential's metadata (the value is never returned)."""
+
+    user_id: str
+    name: str
+    exists: bool
+    version: int | None = None
+    updated: str | None = None
+
+
+class DelegationIn(_Strict):
+    capabilities: list[str] = Field(description="capability names or globs the agent may use")
+    expires_at: str = Field(description="ISO 8601 with a zone, e.g. 2026-12-31T00:00:00Z")
+
+
+class DelegationOut(BaseModel):
+    user_id: str
+    agent_id: str
+    capabilities: list[str]
+    expires_at: str | None
+    created_at: str
+    created_by: str
+    expired: bool = False
+
+
+class DelegationList(BaseModel):
+    delegations: list[DelegationOut]
+
+
+class UserRoles(BaseModel):
+    id: str
+    roles: list[str]
 
 
 class ErrorBody(BaseModel):

@@ -6,7 +6,8 @@ and ``CasbinPolicy``, the in-memory engine. It is the only module that imports c
 persistence of rules and grants belongs to the rulebook and the directory, which hand them
 over through ``load()``.
 
-Semantics (the Casbin model plus conditions): subjects are ``agent:<id>`` and ``role:<name>``;
+Semantics (the Casbin model plus conditions): subjects are ``agent:<id>``, ``user:<id>`` (the
+end user a call acts for; see onbehalf.py) and ``role:<name>``;
 a subject holds every role reachable through grants (roles inherit roles, cycles allowed);
 objects are anchored, case-sensitive globs over capability names (``*``, ``?``, ``[...]``);
 a rule applies when its action equals the request's, its object matches, its subject is the
@@ -81,12 +82,13 @@ ADMIN_ACTIONS = (
     "policies.write",
     "audit.read",
     "approvals.decide",
+    "users.write",
 )
 ACTIONS = ("invoke", *ADMIN_ACTIONS)
 EFFECTS = ("allow", "deny")
 DECISION_CACHE_SIZE = 65_536  # entries per snapshot; the cache is emptied when full
 
-_SUBJECT = re.compile(r"^(agent|role):[A-Za-z0-9][A-Za-z0-9_.@\-]{0,127}$")
+_SUBJECT = re.compile(r"^(agent|role|user):[A-Za-z0-9][A-Za-z0-9_.@\-]{0,127}$")
 _ROLE = re.compile(r"^role:[A-Za-z0-9][A-Za-z0-9_.@\-]{0,127}$")
 _OBJECT = re.compile(r"^[a-z0-9*?_.\-\[\]]{1,200}$")
 _GLOB_CHARS = "*?["
@@ -135,7 +137,7 @@ def _rule_problem(
 ) -> str | None:
     """What is wrong with a rule, or None when it is acceptable."""
     if not _SUBJECT.match(subject):
-        return f"subject {subject!r} must be agent:<id> or role:<name>"
+        return f"subject {subject!r} must be agent:<id>, user:<id> or role:<name>"
     if not _OBJECT.match(object):
         return f"object {object!r} must be a capability name or glob ([a-z0-9*?_.-[]])"
     if action not in ACTIONS:
@@ -182,7 +184,7 @@ def validate_rule(
 
 def _grant_problem(subject: str, role: str) -> str | None:
     if not _SUBJECT.match(subject):
-        return f"subject {subject!r} must be agent:<id> or role:<name>"
+        return f"subject {subject!r} must be agent:<id>, user:<id> or role:<name>"
     if not _ROLE.match(role):
         return f"role {role!r} must be role:<name>"
     return None

@@ -1,10 +1,10 @@
 """The small Protocols the core (service.py) depends on, and the plain values they exchange.
 
-Adapters implement these: vault.py (SecretStore), upstream.py (Upstream), policy.py
-(PolicyEngine), identity.py (Directory), registry.py (CapabilityRegistry), rulebook.py
+Adapters implement these: vault.py (SecretStore, CredentialStore), upstream.py (Upstream),
+policy.py (PolicyEngine), identity.py (Directory), registry.py (CapabilityRegistry), rulebook.py
 (Rulebook), audit.py (AuditLog), jobs.py (CallStore), idempotency.py (IdempotencyStore),
-telemetry.py (Tracer), metrics.py (Metrics), breaker.py (CircuitBreaker). Only bootstrap.py
-builds them.
+telemetry.py (Tracer), metrics.py (Metrics), breaker.py (CircuitBreaker), assertions.py
+(UserAssertions), delegations.py (DelegationStore). Only bootstrap.py builds them.
 """
 
 from __future__ import annotations
@@ -21,13 +21,15 @@ from broker.capabilities import Capability
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: an authenticated agent."""
+    """Who is calling: an authenticated agent, acting for ``user_id`` when the call carried a
+    verified user assertion (never from anything else the agent sends)."""
 
     agent_id: str
     name: str
     roles: tuple[str, ...] = ()
     attributes: Mapping[str, str] = field(default_factory=dict)
     token_id: str | None = None
+    user_id: str | None = None
 
     @property
     def subject(self) -> str:
@@ -36,6 +38,32 @@ class Principal:
     def as_subject_data(self) -> dict[str, Any]:
         """What policy conditions may read about the caller (``agent.*``)."""
         return {"id": self.agent_id, "name": self.name, "attributes": dict(self.attributes)}
+
+
+@dataclass(frozen=True)
+class VerifiedUser:
+    """The end user a verified assertion names: ``id`` is the token's subject."""
+
+    id: str
+    issuer: str
+    scopes: frozenset[str] = frozenset()
+    expires_at: int | None = None  # the assertion's exp (seconds since the epoch)
+
+    @property
+    def subject(self) -> str:
+        return f"user:{self.id}"
+
+
+@dataclass(frozen=True)
+class Delegation:
+    """A user lets an agent invoke, for them, the capabilities matching ``capabilities``."""
+
+    user_id: str
+    agent_id: str
+    capabilities: tuple[str, ...]  # capability names or globs (github.*)
+    expires_at: str | None  # db.utcnow() format; None: until revoked
+    created_at: str
+    created_by: str  # agent:<id> (an operator) or user:<id> (the user themself)
 
 
 @dataclass(frozen=True)
@@ -139,6 +167,7 @@ class AuditEvent:
     idempotency_key: str | None = None
     detail: dict[str, Any] = field(default_factory=dict)
     sensitive: tuple[str, ...] = ()  # dotted arg paths stored as keyed HMACs, never as values
+    user_id: str | None = None  # the verified user the call acts for
 
 
 @dataclass(frozen=True)
@@ -164,6 +193,7 @@ class StoredCall:
     http_status: int | None = None
     response: Any = None
     runner: str | None = None
+    user_id: str | None = None  # the verified user the call acts for (re-checked when it runs)
     created_at: str = ""
     updated_at: str = ""
 
@@ -203,6 +233,7 @@ class AuditQuery:
     trace_id: str | None = None
     chain_id: str | None = None
     contains: str | None = None  # substring of the stored args/detail (e.g. an HMAC)
+    user: str | None = None  # the user id the calls acted for
     limit: int = 100
     cursor: str | None = None
 
@@ -236,6 +267,40 @@ class SecretStore(Protocol):
     async def ready(self) -> bool: ...
 
     async def close(self) -> None: ...
+
+
+class CredentialStore(Protocol):
+    """Per-user credentials: written and deleted through the broker, never read back by it
+    for anyone but the upstream call (metadata only)."""
+
+    async def put_credential(
+        self, mount: str, path: str, data: Mapping[str, str]
+    ) -> dict[str, Any]:
+        """Write a new version; returns its metadata (``exists``, ``version``, ``updated``)."""
+
+    async def delete_credential(self, mount: str, path: str) -> bool:
+        """Remove every version; False when there was none."""
+
+    async def credential_metadata(self, mount: str, path: str) -> dict[str, Any] | None:
+        """``{"exists", "version", "updated"}`` of the current version, None when there is
+        none (never written, deleted or destroyed)."""
+
+
+class UserAssertions(Protocol):
+    async def verify(self, assertion: str) -> VerifiedUser:
+        """Check signature, issuer, audience, expiry and not-before against the configured
+        issuers; raises an AssertionInvalid subclass (401) or IssuerUnavailable (503)."""
+
+
+class DelegationStore(Protocol):
+    async def put(self, delegation: Delegation) -> Delegation:
+        """Create or replace the user's delegation to the agent."""
+
+    async def get(self, user_id: str, agent_id: str) -> Delegation | None: ...
+
+    async def delete(self, user_id: str, agent_id: str) -> bool: ...
+
+    async def list(self, user_id: str) -> list[Delegation]: ...
 
 
 class Upstream(Protocol):

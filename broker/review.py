@@ -13,7 +13,8 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from broker import errors
-from broker.ports import AgentRecord, AuditQuery, Grant, PolicyEngine, Rule
+from broker.onbehalf import check_user_id
+from broker.ports import AgentRecord, AuditQuery, Grant, PolicyEngine, Principal, Rule
 
 if TYPE_CHECKING:
     from broker.admin import Admin
@@ -75,16 +76,30 @@ class PolicyReview:
         obj: str,
         action: str,
         args: Mapping[str, Any] | None,
+        user: str | None = None,
     ) -> dict[str, Any]:
+        """Explain a decision; with ``agent`` and ``user``, the call of that agent acting for
+        that user: both sides and the delegation, and ``denied_by`` naming the side that
+        refused (agent, user or delegation)."""
         await self.admin.authorize(token, "policies.write")
         if (subject is None) == (agent is None):
             raise errors.InvalidRequest("give exactly one of subject or agent")
+        if user is not None and (agent is None or action != "invoke"):
+            raise errors.InvalidRequest("user needs agent and the invoke action")
         caller = None
         if agent is not None:
             record = await self.b.directory.get_agent(agent)
             caller = _agent_data(record) if record else {"id": agent, "attributes": {}}
         who = subject or f"agent:{agent}"
-        return self.b.policy.explain(who, obj, action, args=args, agent=caller)
+        explained = self.b.policy.explain(who, obj, action, args=args, agent=caller)
+        if user is None:
+            return explained
+        data: dict[str, Any] = caller or {}
+        acting = Principal(
+            str(agent), str(data.get("name", agent)), attributes=dict(data.get("attributes", {})),
+            user_id=check_user_id(user),
+        )  # fmt: skip
+        return await self.b.on_behalf.explain(explained, acting, obj, args)
 
     # -- policy as code ---------------------------------------------------------------------
 
@@ -170,6 +185,8 @@ class PolicyReview:
     async def _flip(
         self, engine: PolicyEngine, event: Mapping[str, Any], agents: dict[str, dict[str, Any]]
     ) -> dict[str, Any] | None:
+        if event.get("reason") == "delegation_required":
+            return None  # the policy allowed it; no policy can flip a missing delegation
         agent_id = event["agent_id"]
         if agent_id not in agents:
             record = await self.b.directory.get_agent(agent_id)
@@ -177,12 +194,17 @@ class PolicyReview:
         args = event.get("args") or {}
         after = engine.decide(f"agent:{agent_id}", event["capability"], "invoke",
                               args=args, agent=agents[agent_id])  # fmt: skip
+        user_id = event.get("user_id")
+        if after.allowed and user_id:
+            # A call for a user needed the user's side as well (onbehalf.py).
+            after = engine.decide(f"user:{user_id}", event["capability"], "invoke",
+                                  args=args, agent=agents[agent_id])  # fmt: skip
         before = event["decision"] == "allow"
         if after.allowed == before:
             return None
         return {
             "call_id": event["call_id"], "time": event["time"], "agent_id": agent_id,
-            "capability": event["capability"],
+            "user_id": user_id, "capability": event["capability"],
             "before": "allow" if before else "deny", "after": "allow" if after.allowed else "deny",
             "rule": after.rule, "reason": after.reason,
             "uncertain": _has_hmac(args),  # conditions on HMAC'd arguments cannot be replayed

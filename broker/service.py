@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from broker import errors, retries
 from broker.capabilities import Capability, slots_in
 from broker.errors import BrokerError
+from broker.onbehalf import OnBehalf
 from broker.ports import (
     AuditEvent,
     AuditLog,
@@ -75,6 +76,7 @@ class InvokeRequest:
     traceparent: str | None = None  # the caller's W3C header: the parent of the broker's spans
     respond_async: bool = False  # Prefer: respond-async (run as a durable job, answer 202)
     approval_id: str | None = None  # X-Broker-Approval: an approval the agent holds
+    user_assertion: str | None = None  # X-Broker-User-Assertion: the user the call acts for
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,7 @@ class Call:
             trace_id=self.trace_id or self.request.trace_id,
             idempotency_key=self.key,
             sensitive=cap.sensitive_args() if cap else (),
+            user_id=self.principal.user_id if self.principal else None,
             **fields,
         )
 
@@ -155,6 +158,7 @@ class Broker:
 
     admin: Admin  # attached by bootstrap.build_broker
     deferred: Deferred  # approvals and durable jobs (deferred.py), attached by bootstrap
+    on_behalf: OnBehalf  # attached by bootstrap.build_broker
 
     def __init__(
         self,
@@ -328,6 +332,10 @@ class Broker:
         with self._stage("authenticate") as span:
             call.principal = await self.authenticate(req.token)
             span.set(agent_id=call.principal.agent_id)
+            # The user comes only from a verified assertion, never from a bare header.
+            user = await self.on_behalf.verify(req.user_assertion)
+            if user is not None:
+                call.principal = replace(call.principal, user_id=user.id)
         with self._stage("decide") as span:
             call.cap = await self.registry.get(req.capability)
             if call.cap is None:
@@ -351,6 +359,12 @@ class Broker:
                     f"{call.principal.subject} may not invoke {call.cap.name}: {why}",
                     details={"rule": decision.rule},
                 )
+            # Acting for a user: the user's side and the delegation must allow it too.
+            try:
+                await self.on_behalf.admit(who, call.cap, call.args)
+            except errors.PolicyDenied as exc:
+                call.rule, call.decision = exc.details.get("rule"), "deny"
+                raise
 
     async def _refuse(self, call: Call, exc: BrokerError) -> None:
         exc.call_id = call.call_id
@@ -477,9 +491,13 @@ class Broker:
         if key is None:
             return None
         assert call.principal is not None and call.cap is not None
+        # The user is part of the fingerprint: one user's stored answer is never replayed to
+        # another user of the same agent (their reuse of the key is a 422 instead).
+        user = call.principal.user_id
+        fp = fingerprint(call.args if user is None else {"args": call.args, "user": user})
         with self._stage("idempotency"):
             return await self.idempotency.claim(
-                call.principal.agent_id, call.cap.name, key, fingerprint(call.args), call.call_id
+                call.principal.agent_id, call.cap.name, key, fp, call.call_id
             )
 
     async def _replay(self, call: Call, answer: StoredAnswer) -> InvokeResult:
@@ -576,7 +594,14 @@ class Broker:
             )
             for n in names
         ]
-        return list(await asyncio.gather(*reads))
+        try:
+            return list(await asyncio.gather(*reads))
+        except errors.SecretUnavailable:
+            # A user's credential that is not connected is for the user to fix (428).
+            missing = await self.on_behalf.missing_credential(cap, who, secret_path)
+            if missing is not None:
+                raise missing from None
+            raise
 
 
 def _mark(span: Span, exc: Exception) -> tuple[str, int]:
@@ -593,15 +618,18 @@ def referenced_names(cap: Capability) -> list[str]:
 
 
 def secret_path(template: str, who: Principal) -> str:
-    """Fill {agent.id} / {agent.attributes.X}; each value must be one safe path segment."""
+    """Fill {agent.id} / {agent.attributes.X} / {user.id}; each value must be one safe path
+    segment. {user.id} is the verified user's id (None without one: fail closed)."""
 
     def value(slot: str) -> str:
         if slot == "agent.id":
             v: str | None = who.agent_id
         elif slot.startswith("agent.attributes."):
             v = who.attributes.get(slot.removeprefix("agent.attributes."))
+        elif slot == "user.id":
+            v = who.user_id
         else:
-            v = None  # {user.*} needs a verified user (a later feature): fail closed
+            v = None  # no other {user.*} slot is defined: fail closed
         if v is None or not SAFE_PATH_VALUE.match(v) or v in (".", ".."):
             raise errors.SecretUnavailable(
                 f"secret path slot {{{slot}}} has no usable value for this agent"

@@ -235,6 +235,15 @@ class _Hvac:
     def delete_latest(self, mount: str, path: str) -> None:
         self._client.secrets.kv.v2.delete_latest_version_of_secret(path=path, mount_point=mount)
 
+    def metadata(self, mount: str, path: str) -> object:
+        answer: object = self._client.secrets.kv.v2.read_secret_metadata(
+            path=path, mount_point=mount
+        )
+        return answer
+
+    def delete_all(self, mount: str, path: str) -> None:
+        self._client.secrets.kv.v2.delete_metadata_and_all_versions(path=path, mount_point=mount)
+
     def kv_config(self, mount: str) -> None:
         self._client.secrets.kv.v2.read_configuration(mount_point=mount)
 
@@ -355,6 +364,52 @@ class VaultSecretStore:
                 # An in-flight read stays with its waiters; later readers start a fresh one.
                 del table[cached]
 
+    # --- CredentialStore: per-user credentials, written but never read back ---------------
+
+    async def put_credential(
+        self, mount: str, path: str, data: Mapping[str, str]
+    ) -> dict[str, Any]:
+        """Write a new version; its metadata (never the value) comes back."""
+        await self._guarded(mount, path, lambda: self.write(mount, path, dict(data)))
+        meta = await self.credential_metadata(mount, path)
+        if meta is None:  # written, yet gone: someone deleted it in between
+            raise translate(_Unusable(NOT_FOUND), mount=mount, path=path)
+        return meta
+
+    async def delete_credential(self, mount: str, path: str) -> bool:
+        """Delete every version and the metadata: nothing is left to undelete."""
+        existed = await self.credential_metadata(mount, path) is not None
+        await self._guarded(mount, path, lambda: self._delete_all(mount, path))
+        return existed
+
+    async def credential_metadata(self, mount: str, path: str) -> dict[str, Any] | None:
+        """``{"exists", "version", "updated"}`` of the current version, or None."""
+        try:
+            _check_location(mount, path)
+            answer = await self._run(lambda: self._hvac.metadata(mount, path))
+        except hvac.exceptions.InvalidPath as exc:
+            if _vault_error_reason(exc) == NOT_MOUNTED:
+                raise translate(exc, mount=mount, path=path) from None
+            return None
+        except Exception as exc:
+            raise translate(exc, mount=mount, path=path) from None
+        return _current_metadata(answer)
+
+    async def _guarded(self, mount: str, path: str, fn: Callable[[], object]) -> None:
+        if self._closed:
+            raise translate(_Unusable(STORE_CLOSED), mount=mount, path=path)
+        try:
+            await self._run(fn)
+        except Exception as exc:
+            raise translate(exc, mount=mount, path=path) from None
+
+    def _delete_all(self, mount: str, path: str) -> None:
+        try:
+            _check_location(mount, path)
+            self._hvac.delete_all(mount, path)
+        finally:
+            self.invalidate(mount, path)
+
     # --- dev tooling and tests (synchronous) ------------------------------------------------
 
     def write(self, mount: str, path: str, data: dict[str, str]) -> int:
@@ -471,6 +526,19 @@ class VaultSecretStore:
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(0.05)
+
+
+def _current_metadata(answer: object) -> dict[str, Any] | None:
+    """The current version's metadata from a KV v2 metadata answer; None if it is unusable."""
+    data = _as_mapping(_as_mapping(answer).get("data"))
+    version = data.get("current_version")
+    versions = data.get("versions")
+    current = versions.get(str(version)) if isinstance(versions, Mapping) else None
+    if not isinstance(version, int) or version < 1 or not isinstance(current, Mapping):
+        return None
+    if current.get("destroyed") is True or current.get("deletion_time"):
+        return None
+    return {"exists": True, "version": version, "updated": current.get("created_time")}
 
 
 def _matches(slot: tuple[str, str], mount: str | None, path: str | None) -> bool:

@@ -293,7 +293,7 @@ def test_applying_a_file_twice_never_duplicates() -> None:
 @pytest.mark.parametrize(
     ("line", "fragment"),
     [
-        ("p, user:x, demo.echo, invoke, allow", "subject"),
+        ("p, group:x, demo.echo, invoke, allow", "subject"),
         ("p, alice, demo.echo, invoke, allow", "subject"),
         ("p, role:r, Demo.Echo, invoke, allow", "object"),
         ("p, role:r, demo/echo, invoke, allow", "object"),

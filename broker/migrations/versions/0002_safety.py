@@ -45,6 +45,7 @@ def upgrade() -> None:
         sa.Column("state", sa.String(24), nullable=False, index=True),
         sa.Column("approval_id", sa.String(64), nullable=True),
         sa.Column("runner", sa.String(64), nullable=True),
+        sa.Column("user_id", sa.String(128), nullable=True),
         sa.Column("http_status", sa.Integer, nullable=True),
         sa.Column("response", sa.Text, nullable=True),
         sa.Column("created_at", sa.String(32), nullable=False),
