@@ -21,9 +21,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from broker import errors, models
 from broker.errors import BrokerError
+from broker.invocation import (
+    INVOKE_PATH,
+    answer,
+    audit_rejection,
+    bearer,
+    invoke_request,
+    serve_invoke,
+)
 from broker.mcp import McpEndpoint
-from broker.ports import AgentRecord, AuditEvent, AuditQuery
-from broker.service import Broker, InvokeRequest, InvokeResult
+from broker.ports import AgentRecord, AuditQuery
+from broker.service import Broker
 from broker.tools import Format as ToolFormat
 from broker.tools import as_tools
 
@@ -37,13 +45,6 @@ ASGIApp = Callable[
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": models.ErrorEnvelope} for code in (400, 401, 403, 404, 409, 413, 422, 428, 503)
 }
-
-
-def bearer(authorization: str | None) -> str | None:
-    if not authorization:
-        return None
-    scheme, _, value = authorization.partition(" ")
-    return value.strip() or None if scheme.lower() == "bearer" else None
 
 
 Token = Annotated[str | None, Header(alias="Authorization", include_in_schema=False)]
@@ -82,29 +83,6 @@ def create_app(broker: Broker, *, max_request_bytes: int = 1_048_576) -> FastAPI
 
 def render_error(exc: BrokerError) -> JSONResponse:
     return JSONResponse(exc.to_dict(), status_code=exc.status, headers=exc.headers)
-
-
-async def audit_rejection(broker: Broker, path: str, token: str | None, exc: BrokerError) -> None:
-    """Record a refusal the Broker did not see (and so could not audit) itself."""
-    if exc.audited:
-        return
-    agent_id = None
-    if token:
-        try:
-            agent_id = (await broker.authenticate(token)).agent_id
-        except BrokerError:
-            agent_id = None
-    kind = "call.rejected" if path.endswith("/invoke") else "admin.rejected"
-    capability = path.split("/")[3] if kind == "call.rejected" else None
-    event = AuditEvent(
-        kind=kind,
-        agent_id=agent_id,
-        capability=capability,
-        decision="deny",
-        reason=exc.code,
-        detail={"path": path, "message": exc.message},
-    )
-    await broker.record_refusal(event, exc)
 
 
 def _install_error_handlers(app: FastAPI, broker: Broker) -> None:
@@ -163,6 +141,11 @@ class BodyLimit:
                 self.broker, scope["path"], bearer(headers.get("authorization")), exc
             )
             await render_error(exc)(scope, receive, send)
+            return
+        invoke = INVOKE_PATH.match(scope["path"]) if scope["method"] == "POST" else None
+        if invoke is not None:
+            # The hot path: every agent call, answered without FastAPI's routing.
+            await serve_invoke(self.broker, invoke[1], headers, body, send)
             return
         sent = False
 
@@ -270,49 +253,12 @@ def _capability_routes(app: FastAPI, broker: Broker) -> None:
         x_broker_approval: Annotated[str | None, Header()] = None,
         user_assertion: UserAssertion = None,
     ) -> Any:
-        respond_async = _prefers_async(prefer)
-        result = await broker.invoke(
-            InvokeRequest(
-                token=bearer(authorization),
-                capability=name,
-                body=await request.body(),
-                idempotency_key=idempotency_key,
-                task_id=x_broker_task,
-                trace_id=_trace_id(traceparent),
-                traceparent=traceparent,
-                respond_async=respond_async,
-                approval_id=x_broker_approval,
-                user_assertion=user_assertion,
-            )
-        )
-        if result.http_status == 202:
-            return _accepted(result, respond_async=respond_async)
-        if result.replayed:
-            return JSONResponse(result.to_dict(), headers={"Idempotent-Replayed": "true"})
-        return result.to_dict()
-
-
-def _prefers_async(prefer: str | None) -> bool:
-    """RFC 7240: ``Prefer: respond-async`` (among other preferences, any case)."""
-    prefs = (p.split(";")[0].strip().lower() for p in (prefer or "").split(","))
-    return "respond-async" in prefs
-
-
-def _accepted(result: InvokeResult, *, respond_async: bool) -> JSONResponse:
-    body = result.to_dict()
-    headers = {"Location": f"/v1/calls/{body['call_id']}"}
-    if respond_async and body["status"] == "queued":
-        headers["Preference-Applied"] = "respond-async"
-    if result.replayed:
-        headers["Idempotent-Replayed"] = "true"
-    return JSONResponse(body, status_code=202, headers=headers)
-
-
-def _trace_id(traceparent: str | None) -> str | None:
-    parts = (traceparent or "").split("-")
-    if len(parts) == 4 and len(parts[1]) == 32 and all(c in "0123456789abcdef" for c in parts[1]):
-        return parts[1]
-    return None
+        # Requests reach this route only when BodyLimit did not serve them (invocation.py);
+        # the parameters above document the headers in the OpenAPI schema.
+        req = invoke_request(name, request.headers, await request.body())
+        result = await broker.invoke(req)
+        status, headers, body = answer(result, respond_async=req.respond_async)
+        return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _agent_out(a: AgentRecord) -> dict[str, Any]:

@@ -759,3 +759,26 @@ def test_a_token_revoked_elsewhere_stops_working_within_a_second(
         assert invoke(setup, second, {"message": "d"}).status_code == 401
     finally:
         other.close()
+
+
+def test_integers_past_64_bits_survive_the_round_trip(
+    setup: RunningBroker, upstream: RunningUpstream
+) -> None:
+    """The answer is encoded with orjson, which refuses integers past 64 bits; those answers
+    fall back to the standard encoder instead of failing."""
+    token = setup.agent("alice", ["tester"])
+    big = 10**30
+    r = setup.http(token).post(
+        "/v1/capabilities/test.echo/invoke",
+        content=b'{"args": {"message": "big", "count": %d}}' % big,
+        headers={"Content-Type": "application/json"},
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["result"]["json"]["count"] == big
+
+
+def test_the_openapi_document_still_describes_invoke(running_broker: RunningBroker) -> None:
+    doc = running_broker.http().get("/openapi.json").json()
+    op = doc["paths"]["/v1/capabilities/{name}/invoke"]["post"]
+    names = {p["name"].lower() for p in op["parameters"]}
+    assert {"idempotency-key", "x-broker-task", "prefer", "x-broker-user-assertion"} <= names
