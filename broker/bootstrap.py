@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from broker.admin import Admin
 from broker.audit import SqlAuditLog
+from broker.budgets import SqlBudgets, recover_reservations
 from broker.capabilities import load_manifest_files, parse_manifest
 from broker.config import Settings
 from broker.db import make_engine, migrate
@@ -45,6 +46,7 @@ def build_broker(settings: Settings, *, tracer: Tracer | None = None) -> Broker:
     metrics = PrometheusMetrics()  # a registry per broker, served at GET /metrics
     engine = make_engine(settings.resolved_database_url(), busy_timeout=settings.audit_timeout)
     migrate(engine)
+    budgets = SqlBudgets(engine, instance=settings.audit_chain_id)
     broker = Broker(
         registry=SqlCapabilityRegistry(engine),
         directory=SqlDirectory(engine),
@@ -60,12 +62,14 @@ def build_broker(settings: Settings, *, tracer: Tracer | None = None) -> Broker:
         upstream=HttpUpstream(egress_allow=settings.egress_allow, tracer=tracer),
         guards=LocalGuards(),
         audit=MeteredAuditLog(_audit_log(engine, settings), metrics),
+        budgets=budgets,
         max_response_bytes=settings.max_response_bytes,
         tracer=tracer,
         metrics=metrics,
     )
     broker.admin = Admin(broker)
     broker.on_start.append(lambda: _start(broker, settings))
+    broker.on_start.append(lambda: recover_reservations(budgets, broker.audit))
     broker.on_close.append(lambda: asyncio.to_thread(engine.dispose))
     if owned is not None:
         broker.on_close.append(lambda: asyncio.to_thread(owned.close))  # flushes batched spans

@@ -187,6 +187,44 @@ approvals = Table(
     Column("used_at", String(32), nullable=True),
 )
 
+# Budgets: a spend limit per agent or task and period. Spend lives in one usage row per budget
+# and period (reservations are conditional UPDATEs of that row); every open reservation has a
+# row by call id, so what a crash leaves behind is found and settled at the next start.
+budgets = Table(
+    "budgets",
+    metadata,
+    Column("scope", String(8), primary_key=True),  # agent | task
+    Column("subject", String(128), primary_key=True),
+    Column("limit_value", Float, nullable=False),
+    Column("period", String(8), nullable=False),  # hour | day | week | month | total
+    Column("created_at", String(32), nullable=False),
+    Column("updated_at", String(32), nullable=False),
+)
+
+budget_usage = Table(
+    "budget_usage",
+    metadata,
+    Column("scope", String(8), primary_key=True),
+    Column("subject", String(128), primary_key=True),
+    Column("period", String(8), primary_key=True),
+    Column("period_start", String(32), primary_key=True),
+    Column("spent", Float, nullable=False),
+    Column("reserved", Float, nullable=False),
+)
+
+budget_reservations = Table(
+    "budget_reservations",
+    metadata,
+    Column("call_id", String(64), primary_key=True),
+    Column("scope", String(8), primary_key=True),
+    Column("subject", String(128), nullable=False),
+    Column("period", String(8), nullable=False),
+    Column("period_start", String(32), nullable=False),
+    Column("amount", Float, nullable=False),
+    Column("instance", String(64), nullable=False, index=True),  # the audit chain id
+    Column("created_at", String(32), nullable=False, index=True),
+)
+
 
 def utcnow() -> str:
     """Timestamps are fixed-width ISO 8601 UTC text: they sort and compare the same everywhere.

@@ -25,6 +25,8 @@ from broker.errors import BrokerError
 from broker.ports import (
     AuditEvent,
     AuditLog,
+    BudgetHold,
+    Budgets,
     CapabilityRegistry,
     Directory,
     Guards,
@@ -50,6 +52,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("broker.calls")
 
+# Failures that happen before any byte goes upstream: the call's budget hold is refunded.
+NOT_SENT = (errors.SecretUnavailable, errors.EgressDenied, errors.UpstreamUnavailable)
 SAFE_PATH_VALUE = re.compile(r"^[A-Za-z0-9_.@-]+$")
 HEADER_TOKEN = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 
@@ -94,6 +98,8 @@ class Call:
     decision: str | None = None  # allow | deny once the policy has spoken
     started: bool = False  # call.started is on record
     trace_id: str | None = None  # the trace of this call (the caller's or the broker's own)
+    hold: BudgetHold | None = None  # budgets held from the reservation until settled
+    cost: float | None = None  # what the call was charged (None: nothing ran)
 
     def event(self, kind: str, **fields: Any) -> AuditEvent:
         cap = self.cap
@@ -128,6 +134,7 @@ class Broker:
         upstream: Upstream,
         guards: Guards,
         audit: AuditLog,
+        budgets: Budgets,
         max_response_bytes: int,
         tracer: Tracer | None = None,
         metrics: Metrics | None = None,
@@ -140,6 +147,7 @@ class Broker:
         self.upstream = upstream
         self.guards = guards
         self.audit = audit
+        self.budgets = budgets
         self.max_response_bytes = max_response_bytes
         self.tracer: Tracer = tracer or NoTracer()
         self.metrics: Metrics = metrics or NoMetrics()
@@ -208,9 +216,14 @@ class Broker:
             await self._refuse(call, err)
             raise err from None
         with slot:
-            await self._record_or_refuse(
-                call, call.event("call.started", decision="allow", args=call.args)
-            )
+            await self._reserve(call)
+            try:
+                await self._record_or_refuse(
+                    call, call.event("call.started", decision="allow", args=call.args)
+                )
+            except BrokerError:
+                await self._settle(call, None)  # call.started is not on record: nothing ran
+                raise
             call.started = True
             return await self._execute(call, call.cap, call.principal)
 
@@ -221,7 +234,7 @@ class Broker:
         if isinstance(end, InvokeResult):
             outcome, code, status = end.status, "", 200
             if end.status == "succeeded" and call.cap is not None:
-                self.metrics.spend(call.cap.name, call.cap.limits.cost)
+                self.metrics.spend(call.cap.name, call.cost or 0.0)
             span.set(upstream_status=end.upstream_status)
         else:
             outcome = "failed" if call.started else "refused"
@@ -313,6 +326,29 @@ class Broker:
             log.error("audit unavailable: call %s refused, nothing executed", call.call_id)
             raise
 
+    async def _reserve(self, call: Call) -> None:
+        """Hold the call's bounded cost against its agent's and task's budgets (402 when short)."""
+        assert call.cap is not None and call.principal is not None
+        try:
+            call.hold = await self.budgets.reserve(
+                call.call_id, call.principal.agent_id, call.request.task_id,
+                call.cap.limits.reservation(),
+            )  # fmt: skip
+        except BrokerError as exc:
+            await self._refuse(call, exc)
+            raise
+
+    async def _settle(self, call: Call, cost: float | None) -> None:
+        """Settle the hold to ``cost`` (None: refund). A failure never changes the call's
+        outcome: the reservation stays held and the next start settles it (budgets.py)."""
+        hold, call.hold, call.cost = call.hold, None, cost
+        if hold is None:
+            return
+        try:
+            await self.budgets.settle(hold, cost)
+        except BrokerError as exc:
+            log.error("call %s: budget unsettled (%s); held till restart", call.call_id, exc.code)
+
     # -- steps 7-12: secrets, render, send, shape, record ----------------------------------
 
     async def _execute(self, call: Call, cap: Capability, who: Principal) -> InvokeResult:
@@ -332,6 +368,7 @@ class Broker:
                     request, timeout=cap.http.timeout, max_bytes=min(limit, self.max_response_bytes)
                 )
                 span.set(http_status=response.status)
+            cost = cap.limits.actual_cost(response.body)  # metered before the result is shaped
             result = InvokeResult(call.call_id, *shape(cap, response, redactor))
         except Exception as exc:
             # Whatever went wrong after call.started, the record gets its end.
@@ -340,6 +377,9 @@ class Broker:
                 log.error("call %s failed unexpectedly: %s", call.call_id, type(exc).__name__)
             err.call_id = call.call_id
             err.message = redactor.redact_text(err.message)
+            # Refunded when the request surely never left; else the upstream may have acted.
+            charge = None if isinstance(err, NOT_SENT) else cap.limits.reservation()
+            await self._settle(call, charge)
             await self._finish(
                 call,
                 resolved,
@@ -347,15 +387,17 @@ class Broker:
                 status="failed",
                 reason=err.code,
                 detail={"message": err.message},
+                cost=call.cost,
             )
             raise err from None
+        await self._settle(call, cost)
         await self._finish(
             call,
             resolved,
             started,
             status=result.status,
             upstream_status=result.upstream_status,
-            cost=cap.limits.cost,
+            cost=cost,
         )
         return result
 
