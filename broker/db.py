@@ -3,7 +3,7 @@
 SQLite (WAL, synchronous=FULL) is the embedded default; PostgreSQL runs the same code. The
 schema is created by the Alembic migrations in ``broker/migrations`` and applied at start.
 SQLAlchemy is imported only here and in the storage modules (identity, registry, rulebook,
-audit).
+audit, budgets).
 """
 
 from __future__ import annotations
