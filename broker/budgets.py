@@ -198,14 +198,15 @@ class SqlBudgets:
     def _settle(self, call_id: str, cost: float | None) -> None:
         r, u = db.budget_reservations, db.budget_usage
         with self._write() as conn:
-            rows = conn.execute(select(r).where(r.c.call_id == call_id).order_by(r.c.scope)).all()
-            for row in rows:
+            # Taking the rows with DELETE ... RETURNING makes settling once-only: a concurrent
+            # settle of the same call (two instances recovering it) finds nothing left.
+            taken = conn.execute(delete(r).where(r.c.call_id == call_id).returning(*r.c)).all()
+            for row in sorted(taken, key=lambda t: SCOPES.index(t.scope)):  # the lock order
                 conn.execute(
                     update(u)
                     .where(_usage_key(row.scope, row.subject, row.period, row.period_start))
                     .values(reserved=u.c.reserved - row.amount, spent=u.c.spent + (cost or 0.0))
                 )
-            conn.execute(delete(r).where(r.c.call_id == call_id))
 
     # -- crash recovery ---------------------------------------------------------------------
 

@@ -221,7 +221,7 @@ class Broker:
                 await self._record_or_refuse(
                     call, call.event("call.started", decision="allow", args=call.args)
                 )
-            except BrokerError:
+            except Exception:
                 await self._settle(call, None)  # call.started is not on record: nothing ran
                 raise
             call.started = True
