@@ -126,6 +126,34 @@ def test_100_parallel_calls_against_a_budget_of_10_execute_10(
     assert spent(rb, agent="alice") == (10, 0)
 
 
+def test_two_broker_instances_on_one_database_never_overspend(
+    rb: RunningBroker, upstream: RunningUpstream, database_url: str, tmp_path: Path
+) -> None:
+    token = rb.agent("alice", ["tester"])
+    rb.admin.set_budget(10, "total", agent="alice")
+    # A second instance: same database and admin token, its own audit chain and data dir.
+    other = start_broker(
+        rb.vault, database_url, tmp_path / "other", audit_chain_id="other-instance",
+        bootstrap_admin_token=rb.admin_token,
+    )  # fmt: skip
+    try:
+        urls = [f"{b.url}/v1/capabilities/test.paid/invoke" for b in (rb, other)]
+
+        def one(i: int) -> int:
+            headers = {"Authorization": f"Bearer {token}"}
+            r = httpx.post(urls[i % 2], json={"args": {}}, headers=headers, timeout=60,
+                           trust_env=False)  # fmt: skip
+            return r.status_code
+
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            codes = list(pool.map(one, range(100)))
+    finally:
+        other.close()
+    assert (codes.count(200), codes.count(402)) == (10, 90), codes
+    assert len(upstream.requests) == 10
+    assert spent(rb, agent="alice") == (10, 0)
+
+
 # -- agent and task budgets ---------------------------------------------------------------------
 
 
@@ -362,6 +390,23 @@ def test_reservations_left_by_a_crash_are_settled_at_start(
         assert spent(again, agent="alice") == (7, 17)
     finally:
         again.close()
+
+
+def test_the_migration_creates_the_tables_db_py_describes(database_url: str) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from broker import db
+
+    engine = make_engine(database_url)
+    try:
+        migrate(engine)
+        with engine.connect() as conn:
+            diff = compare_metadata(MigrationContext.configure(conn), db.metadata)
+    finally:
+        engine.dispose()
+    # Only the budget tables are this test's business (each names its table in its repr).
+    assert [d for d in diff if "budget" in repr(d)] == []
 
 
 # -- bad input ----------------------------------------------------------------------------------
