@@ -216,15 +216,7 @@ class Broker:
             await self._refuse(call, err)
             raise err from None
         with slot:
-            await self._reserve(call)
-            try:
-                await self._record_or_refuse(
-                    call, call.event("call.started", decision="allow", args=call.args)
-                )
-            except Exception:
-                await self._settle(call, None)  # call.started is not on record: nothing ran
-                raise
-            call.started = True
+            await self._begin(call)
             return await self._execute(call, call.cap, call.principal)
 
     def _account(self, call: Call, span: Span, end: InvokeResult | Exception) -> None:
@@ -325,6 +317,19 @@ class Broker:
             exc.call_id = call.call_id
             log.error("audit unavailable: call %s refused, nothing executed", call.call_id)
             raise
+
+    async def _begin(self, call: Call) -> None:
+        """Reserve the call's budget, then make ``call.started`` durable (refund if it cannot
+        be). Every path that executes a call comes through here, right before ``_execute``."""
+        await self._reserve(call)
+        try:
+            await self._record_or_refuse(
+                call, call.event("call.started", decision="allow", args=call.args)
+            )
+        except Exception:
+            await self._settle(call, None)  # call.started is not on record: nothing ran
+            raise
+        call.started = True
 
     async def _reserve(self, call: Call) -> None:
         """Hold the call's bounded cost against its agent's and task's budgets (402 when short)."""
