@@ -15,9 +15,10 @@ from typing import Any
 from broker import errors
 from broker.capabilities import Capability, parse_manifest
 from broker.errors import BrokerError
-from broker.ports import AgentRecord, AuditEvent, AuditQuery, Principal, Rule
+from broker.models import BudgetIn
+from broker.ports import AgentRecord, AuditEvent, AuditQuery, BudgetView, Principal, Rule
 from broker.review import PolicyReview, rule_dict
-from broker.service import Broker
+from broker.service import HEADER_TOKEN, Broker
 from broker.users import UserAdmin
 
 RESERVED_AGENT_IDS = {"admin"}  # owned by BROKER_BOOTSTRAP_ADMIN_TOKEN
@@ -243,6 +244,40 @@ class Admin:
             }
             for n in sorted(names)
         ]
+
+    # -- budgets ----------------------------------------------------------------------------
+
+    async def put_budget(
+        self, token: str | None, scope: str, subject: str, data: Any
+    ) -> BudgetView:
+        """Set (or replace) the budget of an agent or a task; spend so far is kept."""
+        who = await self.authorize(token, "agents.write")
+        budget = BudgetIn.parse(data)
+        await self._budget_subject(scope, subject)
+        view = await self.b.budgets.put(scope, subject, budget.limit, budget.period)
+        await self.record(who, "admin.budget.put", scope=scope, subject=subject,
+                          limit=budget.limit, period=budget.period)  # fmt: skip
+        return view
+
+    async def get_budget(self, token: str | None, scope: str, subject: str) -> BudgetView:
+        await self.authorize(token, "audit.read")
+        view = await self.b.budgets.get(scope, subject)
+        if view is None:
+            raise errors.NotFound(f"no budget for {scope} {subject!r}")
+        return view
+
+    async def delete_budget(self, token: str | None, scope: str, subject: str) -> None:
+        who = await self.authorize(token, "agents.write")
+        if not await self.b.budgets.delete(scope, subject):
+            raise errors.NotFound(f"no budget for {scope} {subject!r}")
+        await self.record(who, "admin.budget.delete", scope=scope, subject=subject)
+
+    async def _budget_subject(self, scope: str, subject: str) -> None:
+        if scope == "agent":
+            await self._agent(subject)
+        elif not HEADER_TOKEN.match(subject):
+            # A task id no X-Broker-Task header could carry would never be charged.
+            raise errors.Unprocessable("a task id is 1-128 characters of [A-Za-z0-9._:/+=-]")
 
     # -- audit ------------------------------------------------------------------------------
 

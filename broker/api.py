@@ -74,6 +74,8 @@ def create_app(broker: Broker, *, max_request_bytes: int = 1_048_576) -> FastAPI
     _audit_routes(app, broker)
     _deferred_routes(app, broker)
     _user_routes(app, broker)
+    _budget_routes(app, broker, "agent", "/v1/agents/{subject}/budget")
+    _budget_routes(app, broker, "task", "/v1/tasks/{subject:path}/budget")  # task ids may hold '/'
     app.router.routes.append(mcp.route())  # /mcp: MCP (streamable HTTP) over the same Broker
     return app
 
@@ -360,6 +362,25 @@ def _policy_routes(app: FastAPI, broker: Broker) -> None:
     async def replay_policy(body: models.PolicyReplayIn, authorization: Token = None) -> Any:
         return await policies.replay(bearer(authorization), body.policy, since=body.since,
                                      until=body.until)  # fmt: skip
+
+
+def _budget_routes(app: FastAPI, broker: Broker, scope: str, path: str) -> None:
+    """``PUT|GET|DELETE`` the budget of one agent or task: ``{"limit", "period"}``."""
+    admin = broker.admin
+
+    @app.put(path, tags=["budgets"], response_model=models.BudgetOut, name=f"put_{scope}_budget")
+    async def put_budget(
+        subject: str, budget: Annotated[dict[str, Any], Body()], authorization: Token = None
+    ) -> Any:
+        return (await admin.put_budget(bearer(authorization), scope, subject, budget)).to_dict()
+
+    @app.get(path, tags=["budgets"], response_model=models.BudgetOut, name=f"get_{scope}_budget")
+    async def get_budget(subject: str, authorization: Token = None) -> Any:
+        return (await admin.get_budget(bearer(authorization), scope, subject)).to_dict()
+
+    @app.delete(path, tags=["budgets"], status_code=204, name=f"delete_{scope}_budget")
+    async def delete_budget(subject: str, authorization: Token = None) -> None:
+        await admin.delete_budget(bearer(authorization), scope, subject)
 
 
 def _audit_routes(app: FastAPI, broker: Broker) -> None:

@@ -11,6 +11,7 @@ from broker.admin import Admin
 from broker.assertions import JwtAssertions, parse_issuers
 from broker.audit import SqlAuditLog
 from broker.breaker import CircuitBreakers
+from broker.budgets import SqlBudgets, recover_reservations
 from broker.capabilities import load_manifest_files, parse_manifest
 from broker.config import Settings
 from broker.db import make_engine, migrate
@@ -60,6 +61,7 @@ def build_broker(settings: Settings, *, tracer: Tracer | None = None) -> Broker:
         cache_ttl=settings.secret_cache_ttl,
         metrics=metrics,
     )
+    budgets = SqlBudgets(engine, instance=settings.audit_chain_id)
     broker = Broker(
         registry=SqlCapabilityRegistry(engine),
         directory=SqlDirectory(engine),
@@ -72,6 +74,7 @@ def build_broker(settings: Settings, *, tracer: Tracer | None = None) -> Broker:
         idempotency=SqlIdempotencyStore(
             engine, owner=settings.audit_chain_id, retention=settings.idempotency_retention
         ),
+        budgets=budgets,
         max_response_bytes=settings.max_response_bytes,
         tracer=tracer,
         metrics=metrics,
@@ -102,6 +105,7 @@ def build_broker(settings: Settings, *, tracer: Tracer | None = None) -> Broker:
     )
     broker.on_start.append(lambda: _start(broker, settings))
     broker.on_start.append(broker.deferred.start)  # after the policy is loaded
+    broker.on_start.append(lambda: recover_reservations(budgets, broker.audit))
     broker.on_close.append(lambda: asyncio.to_thread(engine.dispose))
     if owned is not None:
         broker.on_close.append(lambda: asyncio.to_thread(owned.close))  # flushes batched spans

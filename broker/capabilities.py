@@ -7,9 +7,11 @@ the agent's arguments only fill declared slots (see ``render.py``).
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import jsonschema
 from jsonschema import Draft202012Validator
@@ -31,6 +33,7 @@ SLOT_SOURCES = ("args", "secrets", "agent")
 IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
 RATE_RE = re.compile(r"^(\d+)/(second|minute|hour|day)$")
+METERED_PATH_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")  # dotted keys, list indexes
 HEADER_NAME_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 # Headers the broker owns on the wire; a manifest may not set them.
 RESERVED_HEADERS = {
@@ -149,12 +152,49 @@ class ResultSpec(BaseModel):
     fields: list[str] | None = None
 
 
+class MeteredCost(BaseModel):
+    """A cost read from the upstream's JSON answer, e.g. an LLM API's ``usage.total_tokens``.
+
+    ``reserve`` is held against the budgets before the call (the bound); afterwards the call is
+    charged the number found at ``metered``, or ``reserve`` when the answer has no usable
+    number there (no JSON, missing, negative or not a number): unknown usage is not free.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    metered: str = Field(pattern=METERED_PATH_RE.pattern, max_length=200)
+    reserve: float = Field(gt=0, allow_inf_nan=False)
+
+    def actual(self, body: bytes) -> float:
+        try:
+            node: Any = json.loads(body)
+        except (ValueError, RecursionError):
+            return self.reserve
+        for part in self.metered.split("."):
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                return self.reserve
+        ok = isinstance(node, int | float) and not isinstance(node, bool)
+        return float(node) if ok and 0 <= node < math.inf else self.reserve
+
+
 class Limits(BaseModel):
     model_config = ConfigDict(extra="forbid")
     rate: str | None = None  # per agent
     global_rate: str | None = None  # all agents together
-    cost: float = 0
+    # A fixed cost per call (a number, 0 = free) or one metered from the upstream's answer.
+    cost: Annotated[float, Field(ge=0, allow_inf_nan=False)] | MeteredCost = 0
     concurrency: int | None = Field(default=None, gt=0)
+
+    def reservation(self) -> float:
+        """What a call holds against budgets before it runs."""
+        return self.cost.reserve if isinstance(self.cost, MeteredCost) else self.cost
+
+    def actual_cost(self, body: bytes) -> float:
+        """What a call that reached the upstream costs, given the upstream's raw answer."""
+        return self.cost.actual(body) if isinstance(self.cost, MeteredCost) else self.cost
 
     @field_validator("rate", "global_rate")
     @classmethod

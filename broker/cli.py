@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, get_args
 
 import click
 import httpx
@@ -22,6 +22,7 @@ import httpx
 from broker import __version__
 from broker.client import BrokerClient
 from broker.errors import BrokerError
+from broker.models import BudgetPeriod
 
 if TYPE_CHECKING:
     from broker.config import Settings
@@ -418,6 +419,64 @@ def role_list(client: BrokerClient) -> None:
         for r in client.list_roles()
     ]
     click.echo(table(("role", "members", "rules"), rows))
+
+
+# --- budgets ----------------------------------------------------------------------------------
+
+BUDGET_HEADERS = ("scope", "subject", "limit", "period", "spent", "reserved", "period_start")
+
+
+def _budget_target(agent: str | None, task: str | None) -> dict[str, str | None]:
+    if (agent is None) == (task is None):
+        fail("invalid_request", "give exactly one of --agent or --task")
+    return {"agent": agent, "task": task}
+
+
+def _print_budget(budget: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        echo_json(budget)
+    else:
+        click.echo(table(BUDGET_HEADERS, [[budget.get(h) for h in BUDGET_HEADERS]]))
+
+
+@cli.group()
+def budget() -> None:
+    """Spend limits per agent or task (X-Broker-Task) and UTC period; spend so far."""
+
+
+@budget.command("set")
+@click.option("--agent", help="Agent id.")
+@click.option("--task", help="Task id (X-Broker-Task).")
+@click.option("--limit", required=True, type=float, help="In the capabilities' cost unit.")
+@click.option("--period", required=True, type=click.Choice(get_args(BudgetPeriod)))
+@click.option("--json", "as_json", is_flag=True, help="Print the budget as JSON.")
+@uses_client
+def budget_set(
+    client: BrokerClient, agent: str | None, task: str | None, limit: float, period: str,
+    as_json: bool,
+) -> None:  # fmt: skip
+    """Set (or replace) the budget of an agent or a task; spend so far is kept."""
+    _print_budget(client.set_budget(limit, period, **_budget_target(agent, task)), as_json)
+
+
+@budget.command("get")
+@click.option("--agent", help="Agent id.")
+@click.option("--task", help="Task id (X-Broker-Task).")
+@click.option("--json", "as_json", is_flag=True, help="Print the budget as JSON.")
+@uses_client
+def budget_get(client: BrokerClient, agent: str | None, task: str | None, as_json: bool) -> None:
+    """Show a budget and what was spent and reserved in the current period."""
+    _print_budget(client.get_budget(**_budget_target(agent, task)), as_json)
+
+
+@budget.command("delete")
+@click.option("--agent", help="Agent id.")
+@click.option("--task", help="Task id (X-Broker-Task).")
+@uses_client
+def budget_delete(client: BrokerClient, agent: str | None, task: str | None) -> None:
+    """Remove a budget (calls are no longer limited by it)."""
+    client.delete_budget(**_budget_target(agent, task))
+    click.echo("budget deleted")
 
 
 # --- policies ---------------------------------------------------------------------------------

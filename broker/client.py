@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -64,6 +65,15 @@ def _call_headers(
 
 def _decision(reason: str | None) -> dict[str, Any]:
     return {"json": {"reason": reason}} if reason is not None else {}
+
+
+def _budget_path(agent: str | None, task: str | None) -> str:
+    """The budget resource of exactly one agent or one task."""
+    if (agent is None) == (task is None):
+        raise ValueError("name exactly one of agent= or task=")
+    if agent is not None:
+        return f"/v1/agents/{quote(agent, safe='')}/budget"
+    return f"/v1/tasks/{quote(str(task), safe='')}/budget"
 
 
 def _answer(response: httpx.Response) -> Any:
@@ -318,6 +328,22 @@ class BrokerClient:
         out: dict[str, Any] = self.request("GET", "/v1/audit/verify")
         return out
 
+    def set_budget(
+        self, limit: float, period: str, *, agent: str | None = None, task: str | None = None
+    ) -> dict[str, Any]:
+        """Set the budget of one agent or one task; returns it with its current spend."""
+        body = {"limit": limit, "period": period}
+        out: dict[str, Any] = self.request("PUT", _budget_path(agent, task), json=body)
+        return out
+
+    def get_budget(self, *, agent: str | None = None, task: str | None = None) -> dict[str, Any]:
+        """``{"scope", "subject", "limit", "period", "spent", "reserved", "period_start"}``."""
+        out: dict[str, Any] = self.request("GET", _budget_path(agent, task))
+        return out
+
+    def delete_budget(self, *, agent: str | None = None, task: str | None = None) -> None:
+        self.request("DELETE", _budget_path(agent, task))
+
     def export_audit(self) -> Iterator[str]:
         """The export's lines (JSON objects as text), streamed."""
         with self._http.stream("GET", "/v1/audit/export") as response:
@@ -501,6 +527,22 @@ class AsyncBrokerClient:
             headers=_call_headers(user_assertion=user_assertion),
         )  # fmt: skip
         return out
+
+    async def set_budget(
+        self, limit: float, period: str, *, agent: str | None = None, task: str | None = None
+    ) -> dict[str, Any]:
+        body = {"limit": limit, "period": period}
+        out: dict[str, Any] = await self.request("PUT", _budget_path(agent, task), json=body)
+        return out
+
+    async def get_budget(
+        self, *, agent: str | None = None, task: str | None = None
+    ) -> dict[str, Any]:
+        out: dict[str, Any] = await self.request("GET", _budget_path(agent, task))
+        return out
+
+    async def delete_budget(self, *, agent: str | None = None, task: str | None = None) -> None:
+        await self.request("DELETE", _budget_path(agent, task))
 
 
 def _error_from(response: httpx.Response) -> BrokerError:

@@ -3,7 +3,7 @@
 SQLite (WAL, synchronous=FULL) is the embedded default; PostgreSQL runs the same code. The
 schema is created by the Alembic migrations in ``broker/migrations`` and applied at start.
 SQLAlchemy is imported only here and in the storage modules (identity, registry, rulebook,
-audit).
+audit, budgets).
 """
 
 from __future__ import annotations
@@ -201,6 +201,44 @@ delegations = Table(
     Column("expires_at", String(32), nullable=True),
     Column("created_at", String(32), nullable=False),
     Column("created_by", String(200), nullable=False),
+)
+
+# Budgets: a spend limit per agent or task and period. Spend lives in one usage row per budget
+# and period (reservations are conditional UPDATEs of that row); every open reservation has a
+# row by call id, so what a crash leaves behind is found and settled at the next start.
+budgets = Table(
+    "budgets",
+    metadata,
+    Column("scope", String(8), primary_key=True),  # agent | task
+    Column("subject", String(128), primary_key=True),
+    Column("limit_value", Float, nullable=False),
+    Column("period", String(8), nullable=False),  # hour | day | week | month | total
+    Column("created_at", String(32), nullable=False),
+    Column("updated_at", String(32), nullable=False),
+)
+
+budget_usage = Table(
+    "budget_usage",
+    metadata,
+    Column("scope", String(8), primary_key=True),
+    Column("subject", String(128), primary_key=True),
+    Column("period", String(8), primary_key=True),
+    Column("period_start", String(32), primary_key=True),
+    Column("spent", Float, nullable=False),
+    Column("reserved", Float, nullable=False),
+)
+
+budget_reservations = Table(
+    "budget_reservations",
+    metadata,
+    Column("call_id", String(64), primary_key=True),
+    Column("scope", String(8), primary_key=True),
+    Column("subject", String(128), nullable=False),
+    Column("period", String(8), nullable=False),
+    Column("period_start", String(32), nullable=False),
+    Column("amount", Float, nullable=False),
+    Column("instance", String(64), nullable=False, index=True),  # the audit chain id
+    Column("created_at", String(32), nullable=False, index=True),
 )
 
 

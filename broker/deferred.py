@@ -326,10 +326,7 @@ class Deferred:
         try:
             await self._readmit(call, job)
             assert call.cap is not None and call.principal is not None
-            await self.b._record_or_refuse(
-                call, call.event("call.started", decision="allow", args=call.args)
-            )
-            call.started = True
+            await self.b._begin(call)  # budget reserved, call.started durable
             result = await self.b._execute(call, call.cap, call.principal)
         except BrokerError as exc:
             if not call.started and not exc.audited:
@@ -382,6 +379,8 @@ class Deferred:
     async def _cancelled(self, call: Call, started: float) -> None:
         err = errors.CallCancelled("the agent was disabled while the call ran")
         err.call_id = call.call_id
+        if call.cap is not None:  # a budget hold: charged if the request may have left
+            await self.b._settle(call, call.cap.limits.reservation() if call.sent else None)
         if call.started:  # call.started is on record: it gets its end
             await self.b._finish(call, [], started, status="cancelled", reason="agent_disabled",
                                  detail={"message": err.message})  # fmt: skip

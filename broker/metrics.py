@@ -91,7 +91,7 @@ class PrometheusMetrics:
         )
         self._spend = Counter(
             "broker_budget_spend",
-            "Cost (the manifest's limits.cost) of succeeded calls, per capability.",
+            "Cost (fixed or metered, limits.cost) of succeeded calls, per capability.",
             ["capability"],
             registry=r,
         )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from broker.errors import Unprocessable
 
 AGENT_ID_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 ROLE_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
@@ -259,6 +261,34 @@ class DelegationList(BaseModel):
 class UserRoles(BaseModel):
     id: str
     roles: list[str]
+
+
+BudgetPeriod = Literal["hour", "day", "week", "month", "total"]  # UTC boundaries; weeks on Monday
+
+
+class BudgetIn(_Strict):
+    limit: float = Field(ge=0, allow_inf_nan=False, description="in the capabilities' cost unit")
+    period: BudgetPeriod = Field(description="the spend resets at each UTC period boundary")
+
+    @classmethod
+    def parse(cls, data: Any) -> BudgetIn:
+        """The budget in ``data``, or 422 naming the field at fault."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "(body)"
+            raise Unprocessable(f"budget {where}: {first['msg']}") from None
+
+
+class BudgetOut(BaseModel):
+    scope: Literal["agent", "task"]
+    subject: str = Field(description="the agent id or the task id")
+    limit: float
+    period: BudgetPeriod
+    spent: float = Field(description="settled cost in the current period")
+    reserved: float = Field(description="held by calls in flight")
+    period_start: str = Field(description="start of the current period (UTC)")
 
 
 class ErrorBody(BaseModel):

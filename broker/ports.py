@@ -3,8 +3,9 @@
 Adapters implement these: vault.py (SecretStore, CredentialStore), upstream.py (Upstream),
 policy.py (PolicyEngine), identity.py (Directory), registry.py (CapabilityRegistry), rulebook.py
 (Rulebook), audit.py (AuditLog), jobs.py (CallStore), idempotency.py (IdempotencyStore),
-telemetry.py (Tracer), metrics.py (Metrics), breaker.py (CircuitBreaker), assertions.py
-(UserAssertions), delegations.py (DelegationStore). Only bootstrap.py builds them.
+budgets.py (Budgets), telemetry.py (Tracer), metrics.py (Metrics), breaker.py
+(CircuitBreaker), assertions.py (UserAssertions), delegations.py (DelegationStore). Only
+bootstrap.py builds them.
 """
 
 from __future__ import annotations
@@ -257,6 +258,39 @@ class Claim:
     answer: StoredAnswer | None = None
 
 
+@dataclass(frozen=True)
+class BudgetHold:
+    """What one call holds against budgets from its reservation until it is settled."""
+
+    call_id: str
+    amount: float
+    budgets: tuple[str, ...] = ()  # "agent:<id>", "task:<id>"; empty when no budget applies
+
+
+@dataclass(frozen=True)
+class BudgetView:
+    """One budget and its spend in the current period (``period_start``, UTC)."""
+
+    scope: str  # agent | task
+    subject: str  # the agent id or the task id
+    limit: float
+    period: str  # hour | day | week | month | total
+    spent: float
+    reserved: float
+    period_start: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "scope": self.scope,
+            "subject": self.subject,
+            "limit": self.limit,
+            "period": self.period,
+            "spent": self.spent,
+            "reserved": self.reserved,
+            "period_start": self.period_start,
+        }
+
+
 # --- ports --------------------------------------------------------------------------------
 
 
@@ -408,6 +442,25 @@ class CircuitBreaker(Protocol):
 
     def state(self, url: str) -> str:
         """closed | open | half_open, for the host of ``url``."""
+
+
+class Budgets(Protocol):
+    """Spend limits per agent and per task, per period; reservations are atomic in storage."""
+
+    async def reserve(
+        self, call_id: str, agent_id: str, task_id: str | None, amount: float
+    ) -> BudgetHold:
+        """Hold ``amount`` against the agent's and the task's budgets, both or none; raises
+        BudgetExhausted. Nothing is held when ``amount`` is 0 or no budget applies."""
+
+    async def settle(self, hold: BudgetHold, cost: float | None) -> None:
+        """Turn the hold into spend of ``cost``; ``None`` (nothing executed) refunds it."""
+
+    async def put(self, scope: str, subject: str, limit: float, period: str) -> BudgetView: ...
+
+    async def get(self, scope: str, subject: str) -> BudgetView | None: ...
+
+    async def delete(self, scope: str, subject: str) -> bool: ...
 
 
 class CapabilityRegistry(Protocol):

@@ -29,6 +29,8 @@ from broker.ports import (
     AuditLog,
     AuditQuery,
     BreakerPermit,
+    BudgetHold,
+    Budgets,
     CapabilityRegistry,
     CircuitBreaker,
     Claim,
@@ -60,6 +62,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("broker.calls")
 
+# Failures that happen before any byte goes upstream: the call's budget hold is refunded.
+NOT_SENT = (errors.SecretUnavailable, errors.EgressDenied, errors.UpstreamUnavailable)
 SAFE_PATH_VALUE = re.compile(r"^[A-Za-z0-9_.@-]+$")
 IDEMPOTENCY_KEY_MAX = 255
 HEADER_TOKEN = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
@@ -134,6 +138,8 @@ class Call:
     task_id: str | None = None  # X-Broker-Task, once it parsed
     trace_id: str | None = None  # the trace of this call (the caller's or the broker's own)
     attempts: int = 0  # requests sent upstream (more than 1 only for idempotent capabilities)
+    hold: BudgetHold | None = None  # budgets held from the reservation until settled
+    cost: float | None = None  # what the call was charged (None: nothing ran)
 
     def event(self, kind: str, **fields: Any) -> AuditEvent:
         cap = self.cap
@@ -172,6 +178,7 @@ class Broker:
         guards: Guards,
         audit: AuditLog,
         idempotency: IdempotencyStore,
+        budgets: Budgets,
         max_response_bytes: int,
         breaker: CircuitBreaker,
         retry: retries.RetryPolicy | None = None,
@@ -187,6 +194,7 @@ class Broker:
         self.guards = guards
         self.audit = audit
         self.idempotency = idempotency
+        self.budgets = budgets
         self.max_response_bytes = max_response_bytes
         self.breaker = breaker
         self.retry = retry or retries.RetryPolicy()
@@ -268,10 +276,7 @@ class Broker:
             try:
                 result = await self.deferred.divert(call)  # 202: for an approval, or a job
                 if result is None:
-                    await self._record_or_refuse(
-                        call, call.event("call.started", decision="allow", args=call.args)
-                    )
-                    call.started = True
+                    await self._begin(call)
                     result = await self._execute(call, call.cap, call.principal)
             except BrokerError as err:
                 await self._settle_key(call, err)
@@ -286,7 +291,7 @@ class Broker:
         if isinstance(end, InvokeResult):
             outcome, code, status = end.status, "", 200
             if end.status == "succeeded" and call.cap is not None:
-                self.metrics.spend(call.cap.name, call.cap.limits.cost)
+                self.metrics.spend(call.cap.name, call.cost or 0.0)
             span.set(upstream_status=end.upstream_status)
         else:
             outcome = "failed" if call.started else "refused"
@@ -400,6 +405,42 @@ class Broker:
             log.error("audit unavailable: call %s refused, nothing executed", call.call_id)
             raise
 
+    async def _begin(self, call: Call) -> None:
+        """Reserve the call's budget, then make ``call.started`` durable (refund if it cannot
+        be). Every path that executes a call comes through here, right before ``_execute``."""
+        await self._reserve(call)
+        try:
+            await self._record_or_refuse(
+                call, call.event("call.started", decision="allow", args=call.args)
+            )
+        except Exception:
+            await self._settle(call, None)  # call.started is not on record: nothing ran
+            raise
+        call.started = True
+
+    async def _reserve(self, call: Call) -> None:
+        """Hold the call's bounded cost against its agent's and task's budgets (402 when short)."""
+        assert call.cap is not None and call.principal is not None
+        try:
+            call.hold = await self.budgets.reserve(
+                call.call_id, call.principal.agent_id, call.request.task_id,
+                call.cap.limits.reservation(),
+            )  # fmt: skip
+        except BrokerError as exc:
+            await self._refuse(call, exc)
+            raise
+
+    async def _settle(self, call: Call, cost: float | None) -> None:
+        """Settle the hold to ``cost`` (None: refund). A failure never changes the call's
+        outcome: the reservation stays held and the next start settles it (budgets.py)."""
+        hold, call.hold, call.cost = call.hold, None, cost
+        if hold is None:
+            return
+        try:
+            await self.budgets.settle(hold, cost)
+        except BrokerError as exc:
+            log.error("call %s: budget unsettled (%s); held till restart", call.call_id, exc.code)
+
     # -- steps 7-12: secrets, render, send, shape, record ----------------------------------
 
     async def _execute(self, call: Call, cap: Capability, who: Principal) -> InvokeResult:
@@ -425,6 +466,7 @@ class Broker:
                 # The upstream adds this span's traceparent to the request (upstream.py).
                 response = await self._send(call, cap, request, permit, limit)
                 span.set(http_status=response.status)
+            cost = cap.limits.actual_cost(response.body)  # metered before the result is shaped
             result = InvokeResult(call.call_id, *shape(cap, response, redactor))
         except Exception as exc:
             # Whatever went wrong after call.started, the record gets its end.
@@ -433,6 +475,10 @@ class Broker:
                 log.error("call %s failed unexpectedly: %s", call.call_id, type(exc).__name__)
             err.call_id = call.call_id
             err.message = redactor.redact_text(err.message)
+            # Refunded when the request surely never left; else the upstream may have acted.
+            unsent = not call.sent or isinstance(err, NOT_SENT)
+            charge = None if unsent else cap.limits.reservation()
+            await self._settle(call, charge)
             await self._finish(
                 call,
                 resolved,
@@ -440,18 +486,20 @@ class Broker:
                 status="failed",
                 reason=err.code,
                 detail={"message": err.message},
+                cost=call.cost,
             )
             raise err from None
         finally:
             if permit is not None:
                 permit.release()  # a permit never used (e.g. a secret was missing) goes back
+        await self._settle(call, cost)
         await self._finish(
             call,
             resolved,
             started,
             status=result.status,
             upstream_status=result.upstream_status,
-            cost=cap.limits.cost,
+            cost=cost,
         )
         return result
 
