@@ -6,8 +6,10 @@ chain (``chain.py``), inserts them in one transaction and commits (group commit:
 waits for more records, so a lone call pays one commit and a busy broker shares commits).
 A caller's ``append`` returns only after its record is durable; if that does not happen within
 ``timeout`` it raises ``AuditUnavailable`` and the record is dropped if not yet written (or
-followed by ``call.abandoned`` if it landed late). Signed checkpoints are written after
-commits, off the request path, to the database and to a file outside it.
+followed by ``call.abandoned`` if it landed late). Signed checkpoints of the chain head ride in
+the transaction of the batch that makes them due (every ``checkpoint_every`` records or
+``checkpoint_interval`` seconds) and are appended to a file outside the database after it
+commits; an idle writer checkpoints on its own.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import collections
 import contextlib
 import json
 import logging
+import operator
 import os
 import queue
 import random
@@ -44,16 +47,30 @@ _COLUMNS = (
     "idempotency_key",
 )  # fmt: skip
 _STORED = (*chain.HASHED_FIELDS, "hash")
-_ROWS_PER_INSERT = 1000  # 22 parameters a row stays under SQLite's 32,766 variables
+# A record travels as the list of its values in HASHED_FIELDS order: chain_id, seq, event_id,
+# time, the event's own fields, data, prev_hash. The writer fills in seq and prev_hash, hashes
+# the list as it is and appends the hash, and the list is the row's INSERT parameters.
+_EVENT_FIELDS = chain.HASHED_FIELDS[4:-2]
+if set(_EVENT_FIELDS) != set(_COLUMNS) or chain.HASHED_FIELDS[-2:] != ("data", "prev_hash"):
+    raise RuntimeError("audit.py's record layout no longer matches chain.HASHED_FIELDS")
+_event_values = operator.attrgetter(*_EVENT_FIELDS)
+_LATENCY, _COST = chain.HASHED_FIELDS.index("latency_ms"), chain.HASHED_FIELDS.index("cost")
+_dumps = chain.compact_encoder(sort_keys=True, allow_nan=True)  # the same text as db.dumps
+# Rows per INSERT statement: powers of two up to this, so a batch of any size uses at most
+# ten statements that the driver has already prepared (SQLite parses a 512-row statement in
+# ~2.5 ms; caching one text per batch size would thrash its statement cache). 512 rows of
+# 22 parameters stay under SQLite's 32,766 variables and PostgreSQL's 65,535.
+_ROWS_PER_INSERT = 512
+_KIND = chain.HASHED_FIELDS.index("kind")
 _STOP = object()
 # Event ids need uniqueness, not secrecy. os.urandom is a syscall that drops the GIL, and on
 # the request path every reacquisition contends with the writer thread (measured: ~40 us).
 _ids = random.Random(os.urandom(32))  # noqa: S311
 
 
-@dataclass
+@dataclass(slots=True)
 class _Item:
-    record: dict[str, Any]
+    values: list[Any]  # HASHED_FIELDS order; seq and prev_hash are set by the writer
     loop: asyncio.AbstractEventLoop | None
     future: asyncio.Future[int] | None
     gave_up: bool = False  # the caller stopped waiting (it answered 503)
@@ -92,6 +109,7 @@ class SqlAuditLog:
         self._head = _Head()
         self._healthy = True
         self._thread: threading.Thread | None = None
+        self._running = False  # the writer thread is alive (cheaper to ask than is_alive())
         self._sql_cache: dict[tuple[str, int], str] = {}
         self._pending: dict[asyncio.AbstractEventLoop, collections.deque[tuple[float, _Item]]] = {}
         self._watchdogs: set[asyncio.Task[None]] = set()
@@ -107,6 +125,7 @@ class SqlAuditLog:
         self._thread = threading.Thread(
             target=self._run, name=f"audit-{self.chain_id}", daemon=True
         )
+        self._running = True
         self._thread.start()
         dangling = await db.run(self._dangling_calls, error=AuditUnavailable)
         for row in dangling:
@@ -160,7 +179,7 @@ class SqlAuditLog:
     # -- appending --------------------------------------------------------------------------
 
     async def append(self, event: AuditEvent) -> int:
-        if self._thread is None or not self._thread.is_alive():
+        if not self._running:
             raise AuditUnavailable("the audit writer is not running")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int] = loop.create_future()
@@ -197,38 +216,38 @@ class SqlAuditLog:
                 AuditUnavailable("the audit log did not confirm the record in time")
             )
 
-    def _prepare(self, event: AuditEvent) -> dict[str, Any]:
-        fields = vars(event)
-        record: dict[str, Any] = {c: fields[c] for c in _COLUMNS}
+    def _prepare(self, event: AuditEvent) -> list[Any]:
+        """The record's values (HASHED_FIELDS order), built on the caller's thread."""
         args = _hmac_paths(event.args, event.sensitive, self.keys.hmac)
-        data = {"args": args, "secrets": event.secrets, "detail": event.detail}
-        record.update(
-            chain_id=self.chain_id,
-            event_id=f"{_ids.getrandbits(128):032x}",
-            time=db.utcnow(),
-            data=db.dumps(data),
-        )
-        if record["latency_ms"] is not None:
-            record["latency_ms"] = round(float(record["latency_ms"]), 3)
-        if record["cost"] is not None:
-            record["cost"] = float(record["cost"])
-        return record
+        data = _dumps({"args": args, "secrets": event.secrets, "detail": event.detail})
+        event_id = f"{_ids.getrandbits(128):032x}"
+        values = [self.chain_id, None, event_id, db.utcnow(), *_event_values(event), data, None]
+        if values[_LATENCY] is not None:
+            values[_LATENCY] = round(float(values[_LATENCY]), 3)
+        if values[_COST] is not None:
+            values[_COST] = float(values[_COST])
+        return values
 
     # -- the writer thread ------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self._running = False
+
+    def _loop(self) -> None:
         while True:
             try:
                 first = self._queue.get(timeout=self._interval)
             except queue.Empty:
-                self._checkpoint_if_due(idle=True)
+                self._checkpoint_if_idle()
                 continue
             batch, stop = self._drain(first)
             if batch:
                 self._write(batch)
-                self._checkpoint_if_due(idle=False)
             if stop:
-                self._checkpoint_if_due(idle=True)
+                self._checkpoint_if_idle()
                 return
 
     def _drain(self, first: Any) -> tuple[list[_Item], bool]:
@@ -246,22 +265,23 @@ class SqlAuditLog:
 
     def _write(self, batch: list[_Item]) -> None:
         head = self._head
-        seq, prev, rows = head.seq, head.hash, []
+        seq, prev, flat = head.seq, head.hash, []
+        values_hash, seq_at, prev_at = chain.values_hash, chain.SEQ, chain.PREV_HASH
         for item in batch:
+            values = item.values
             seq += 1
-            values = [item.record.get(k) for k in chain.HASHED_FIELDS]
-            values[chain.SEQ], values[chain.PREV_HASH] = seq, prev
-            prev = chain.values_hash(values)
+            values[seq_at], values[prev_at] = seq, prev
+            prev = values_hash(values)
             values.append(prev)  # _STORED is HASHED_FIELDS + hash
-            rows.append(values)
+            flat += values
+        cp = self._sign_if_due(seq, prev)
         try:
             with self._engine.begin() as conn:
-                for start in range(0, len(rows), _ROWS_PER_INSERT):
-                    chunk = rows[start : start + _ROWS_PER_INSERT]
-                    flat = tuple(v for values in chunk for v in values)
-                    conn.exec_driver_sql(self._insert_sql(conn, len(chunk)), flat)
+                self._insert(conn, flat, len(batch))
+                if cp is not None:  # in the batch's transaction: no commit of its own
+                    conn.execute(insert(db.audit_checkpoints), [cp])
         except Exception as exc:  # any failure: nothing of the batch is durable
-            log.error("audit write failed (%s); %d records refused", type(exc).__name__, len(rows))
+            log.error("audit write failed (%s); %d records refused", type(exc).__name__, len(batch))
             self._healthy = False
             self._reload_head_quietly()
             _resolve(batch, [None] * len(batch))
@@ -270,11 +290,23 @@ class SqlAuditLog:
         first = head.seq + 1
         head.seq, head.hash = seq, prev
         _resolve(batch, list(range(first, seq + 1)))
-        for item, values in zip(batch, rows, strict=True):
-            if item.gave_up and item.record["kind"] == "call.started":
-                self._queue.put(
-                    _Item(_abandoned(dict(zip(_STORED, values, strict=True))), None, None)
-                )
+        if cp is not None:
+            self._checkpoint_stored(cp)
+        for item in batch:
+            if item.gave_up and item.values[_KIND] == "call.started":
+                started = dict(zip(_STORED, item.values, strict=True))
+                self._queue.put(_Item(_abandoned(started), None, None))
+
+    def _insert(self, conn: Any, flat: list[Any], rows: int) -> None:
+        """Insert ``rows`` rows (their values one after another in ``flat``) with as few
+        multi-row statements as fixed sizes allow."""
+        width, start, size = len(_STORED), 0, _ROWS_PER_INSERT
+        while start < rows:
+            while size > rows - start:
+                size //= 2
+            chunk = tuple(flat[start * width : (start + size) * width])
+            conn.exec_driver_sql(self._insert_sql(conn, size), chunk)
+            start += size
 
     def _insert_sql(self, conn: Any, n: int) -> str:
         """One multi-row INSERT: one statement per chunk keeps the database driver from
@@ -297,13 +329,21 @@ class SqlAuditLog:
 
     # -- checkpoints ------------------------------------------------------------------------
 
-    def _checkpoint_if_due(self, *, idle: bool) -> None:
+    def _sign_if_due(self, seq: int, head_hash: str) -> dict[str, Any] | None:
+        """The checkpoint a batch ending at ``seq`` carries, if one is due."""
         head = self._head
-        if head.seq <= head.checkpointed_seq:
-            return
-        due = head.seq - head.checkpointed_seq >= self._every
-        due = due or idle or time.monotonic() - head.checkpointed_at >= self._interval
-        if due:
+        due = seq - head.checkpointed_seq >= self._every
+        if not due and time.monotonic() - head.checkpointed_at < self._interval:
+            return None
+        return self.keys.signer.checkpoint(self.chain_id, seq, head_hash, db.utcnow())
+
+    def _checkpoint_stored(self, cp: dict[str, Any]) -> None:
+        _append_line(self._checkpoint_file, cp)
+        head = self._head
+        head.checkpointed_seq, head.checkpointed_at = int(cp["seq"]), time.monotonic()
+
+    def _checkpoint_if_idle(self) -> None:
+        if self._head.seq > self._head.checkpointed_seq:
             self.checkpoint()
 
     def checkpoint(self) -> dict[str, Any] | None:
@@ -316,8 +356,7 @@ class SqlAuditLog:
         except Exception as exc:
             log.error("audit checkpoint not stored (%s)", type(exc).__name__)
             return None
-        _append_line(self._checkpoint_file, cp)
-        head.checkpointed_seq, head.checkpointed_at = head.seq, time.monotonic()
+        self._checkpoint_stored(cp)
         return cp
 
     def hmac_all(self, value: Any) -> list[str]:
@@ -453,36 +492,20 @@ def _settle(pending: list[tuple[asyncio.Future[int], int | None]]) -> None:
             fut.set_result(seq)
 
 
-def _abandoned(started: dict[str, Any]) -> dict[str, Any]:
+def _abandoned(started: dict[str, Any]) -> list[Any]:
     """The record that closes a call whose caller gave up waiting for call.started."""
-    record: dict[str, Any] = dict.fromkeys(_COLUMNS)
-    record.update(
-        {
-            k: started[k]
-            for k in (
-                "call_id",
-                "agent_id",
-                "capability",
-                "capability_version",
-                "task_id",
-                "chain_id",
-            )
-        }
-    )
+    record: dict[str, Any] = dict.fromkeys(chain.HASHED_FIELDS)
+    keep = ("call_id", "agent_id", "capability", "capability_version", "task_id", "chain_id")
+    record.update({k: started[k] for k in keep})
+    why = "call.started was written after the caller gave up; nothing ran"
     record.update(
         kind="call.abandoned",
         reason="audit_timeout",
         event_id=uuid.uuid4().hex,
         time=db.utcnow(),
-        data=db.dumps(
-            {
-                "args": None,
-                "secrets": [],
-                "detail": {"why": "call.started was written after the caller gave up; nothing ran"},
-            }
-        ),
+        data=_dumps({"args": None, "secrets": [], "detail": {"why": why}}),
     )
-    return record
+    return [record[k] for k in chain.HASHED_FIELDS]
 
 
 def _append_line(path: Path, obj: dict[str, Any]) -> None:

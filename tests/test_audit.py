@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from broker import chain
+from broker import audit, chain, db
 from broker.cli import cli
 from broker.devserver import DevVault
 from tests.support.brokers import RunningBroker, start_broker
@@ -78,6 +78,33 @@ def verify(openbao: DevVault, where: tuple[str, Path]) -> dict[str, Any]:
 def checkpoint_seqs(data: Path) -> list[int]:
     [file] = (data / "audit-checkpoints").glob("*.jsonl")
     return sorted(json.loads(line)["seq"] for line in file.read_text().splitlines())
+
+
+# -- the hash stays byte for byte what it was ---------------------------------------------------
+
+
+def test_record_hash_and_data_text_are_stable() -> None:
+    """Exported logs are verified by other versions: the canonical text must never drift (the
+    expected values were computed before the writer's encoders were rebuilt for speed)."""
+    data = {
+        "args": {"m": 'é\n"x"', "n": [1, 2.5, None, True]},
+        "secrets": [{"path": "p", "version": 1}],
+        "detail": {"z": 1, "a": "☃"},
+    }
+    text = '{"args":{"m":"é\\n\\"x\\"","n":[1,2.5,null,true]},"detail":{"a":"☃","z":1},"secrets":[{"path":"p","version":1}]}'  # noqa: E501
+    assert audit._dumps(data) == text == db.dumps(data)
+    record = dict(
+        chain_id="main", seq=3, event_id="0123456789abcdef0123456789abcdef",
+        time="2026-11-26T11:21:09.551000Z", kind="call.finished", call_id="call_x",
+        agent_id="ava", capability="test.echo", capability_version=2, decision="allow",
+        rule=None, reason=None, status="succeeded", upstream_status=200, latency_ms=12.345,
+        cost=1.0, task_id="t-ü", trace_id=None, idempotency_key=None, data=text,
+        prev_hash="ab" * 32,
+    )  # fmt: skip
+    expected = "92e671eb154800b6c52cdc58eb714ac99381dd72b98e41ff8b9b9be81523076f"
+    assert chain.record_hash(record) == expected
+    with pytest.raises(ValueError):  # NaN is not JSON: such a record cannot be hashed
+        chain.record_hash({**record, "cost": float("nan")})
 
 
 # -- an honest log verifies --------------------------------------------------------------------
