@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import json
 import logging
 import operator
@@ -56,12 +57,13 @@ if set(_EVENT_FIELDS) != set(_COLUMNS) or chain.HASHED_FIELDS[-2:] != ("data", "
 _event_values = operator.attrgetter(*_EVENT_FIELDS)
 _LATENCY, _COST = chain.HASHED_FIELDS.index("latency_ms"), chain.HASHED_FIELDS.index("cost")
 _dumps = chain.compact_encoder(sort_keys=True, allow_nan=True)  # the same text as db.dumps
-# Rows per INSERT statement: powers of two up to this, so a batch of any size uses at most
-# ten statements that the driver has already prepared (SQLite parses a 512-row statement in
-# ~2.5 ms; caching one text per batch size would thrash its statement cache). 512 rows of
-# 22 parameters stay under SQLite's 32,766 variables and PostgreSQL's 65,535.
-_ROWS_PER_INSERT = 512
+# Rows per INSERT statement: up to 512 (22 parameters a row stay under SQLite's 32,766
+# variables), in multiples of 16 and then the rest, so a batch takes one or two statements
+# out of 47 texts the driver keeps prepared (SQLite parses a 512-row statement in ~2.5 ms;
+# one text per batch size would thrash its 128-statement cache).
+_ROWS_PER_INSERT, _ROWS_STEP = 512, 16
 _KIND = chain.HASHED_FIELDS.index("kind")
+_COPY = f"COPY audit_events ({', '.join(_STORED)}) FROM STDIN"
 _STOP = object()
 # Event ids need uniqueness, not secrecy. os.urandom is a syscall that drops the GIL, and on
 # the request path every reacquisition contends with the writer thread (measured: ~40 us).
@@ -73,6 +75,7 @@ class _Item:
     values: list[Any]  # HASHED_FIELDS order; seq and prev_hash are set by the writer
     loop: asyncio.AbstractEventLoop | None
     future: asyncio.Future[int] | None
+    deadline: float = 0.0  # loop.time() when the caller stops waiting
     gave_up: bool = False  # the caller stopped waiting (it answered 503)
 
 
@@ -111,7 +114,7 @@ class SqlAuditLog:
         self._thread: threading.Thread | None = None
         self._running = False  # the writer thread is alive (cheaper to ask than is_alive())
         self._sql_cache: dict[tuple[str, int], str] = {}
-        self._pending: dict[asyncio.AbstractEventLoop, collections.deque[tuple[float, _Item]]] = {}
+        self._pending: dict[asyncio.AbstractEventLoop, collections.deque[_Item]] = {}
         self._watchdogs: set[asyncio.Task[None]] = set()
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -183,7 +186,7 @@ class SqlAuditLog:
             raise AuditUnavailable("the audit writer is not running")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int] = loop.create_future()
-        item = _Item(self._prepare(event), loop, future)
+        item = _Item(self._prepare(event), loop, future, loop.time() + self._timeout)
         self._queue.put(item)
         self._watch(loop, item)
         return await future
@@ -192,22 +195,24 @@ class SqlAuditLog:
         """Give up on a record after ``timeout``. One watchdog per event loop walks the
         appends in order (they share one timeout, so deadlines are sorted), which costs far
         less than a timer per append."""
-        pending = self._pending.setdefault(loop, collections.deque())
-        pending.append((loop.time() + self._timeout, item))
+        pending = self._pending.get(loop)
+        if pending is None:
+            pending = self._pending[loop] = collections.deque()
+        pending.append(item)
         if len(pending) == 1:
             task = loop.create_task(self._watchdog(loop, pending))
             self._watchdogs.add(task)
             task.add_done_callback(self._watchdogs.discard)
 
     async def _watchdog(
-        self, loop: asyncio.AbstractEventLoop, pending: collections.deque[tuple[float, _Item]]
+        self, loop: asyncio.AbstractEventLoop, pending: collections.deque[_Item]
     ) -> None:
         while pending:
-            deadline, item = pending[0]
+            item = pending[0]
             if item.future is None or item.future.done():
                 pending.popleft()
                 continue
-            if (delay := deadline - loop.time()) > 0:
+            if (delay := item.deadline - loop.time()) > 0:
                 await asyncio.sleep(min(delay, 0.05))
                 continue
             pending.popleft()
@@ -265,7 +270,7 @@ class SqlAuditLog:
 
     def _write(self, batch: list[_Item]) -> None:
         head = self._head
-        seq, prev, flat = head.seq, head.hash, []
+        seq, prev, rows = head.seq, head.hash, []
         values_hash, seq_at, prev_at = chain.values_hash, chain.SEQ, chain.PREV_HASH
         for item in batch:
             values = item.values
@@ -273,11 +278,11 @@ class SqlAuditLog:
             values[seq_at], values[prev_at] = seq, prev
             prev = values_hash(values)
             values.append(prev)  # _STORED is HASHED_FIELDS + hash
-            flat += values
+            rows.append(values)
         cp = self._sign_if_due(seq, prev)
         try:
             with self._engine.begin() as conn:
-                self._insert(conn, flat, len(batch))
+                self._insert(conn, rows)
                 if cp is not None:  # in the batch's transaction: no commit of its own
                     conn.execute(insert(db.audit_checkpoints), [cp])
         except Exception as exc:  # any failure: nothing of the batch is durable
@@ -297,15 +302,22 @@ class SqlAuditLog:
                 started = dict(zip(_STORED, item.values, strict=True))
                 self._queue.put(_Item(_abandoned(started), None, None))
 
-    def _insert(self, conn: Any, flat: list[Any], rows: int) -> None:
-        """Insert ``rows`` rows (their values one after another in ``flat``) with as few
-        multi-row statements as fixed sizes allow."""
-        width, start, size = len(_STORED), 0, _ROWS_PER_INSERT
-        while start < rows:
-            while size > rows - start:
-                size //= 2
-            chunk = tuple(flat[start * width : (start + size) * width])
-            conn.exec_driver_sql(self._insert_sql(conn, size), chunk)
+    def _insert(self, conn: Any, rows: list[list[Any]]) -> None:
+        """Insert the rows (values in ``_STORED`` order) in the open transaction."""
+        if conn.dialect.name == "postgresql":
+            # COPY: psycopg re-parses (in Python) any statement with over 50 parameters on
+            # every execution, which cost more than the insert itself; COPY formats rows in C.
+            with conn.connection.driver_connection.cursor() as cur, cur.copy(_COPY) as copy:
+                for values in rows:
+                    copy.write_row(values)
+            return
+        start = 0
+        while start < len(rows):
+            size = min(len(rows) - start, _ROWS_PER_INSERT)
+            if size > _ROWS_STEP:
+                size -= size % _ROWS_STEP
+            flat = tuple(itertools.chain.from_iterable(rows[start : start + size]))
+            conn.exec_driver_sql(self._insert_sql(conn, size), flat)
             start += size
 
     def _insert_sql(self, conn: Any, n: int) -> str:
@@ -473,17 +485,22 @@ def _cp(row: Any) -> dict[str, Any]:
 
 def _resolve(batch: list[_Item], seqs: list[int | None]) -> None:
     """Wake the waiters: one hand-over per event loop and batch, not one per record."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[int], int | None]]] = {}
+    by_loop: dict[asyncio.AbstractEventLoop, tuple[list[asyncio.Future[int]], list[int | None]]]
+    by_loop = {}
     for item, seq in zip(batch, seqs, strict=True):
         if item.future is not None and item.loop is not None:
-            by_loop.setdefault(item.loop, []).append((item.future, seq))
-    for loop, pending in by_loop.items():
+            waiting = by_loop.get(item.loop)
+            if waiting is None:
+                waiting = by_loop[item.loop] = ([], [])
+            waiting[0].append(item.future)
+            waiting[1].append(seq)
+    for loop, (futures, results) in by_loop.items():
         with contextlib.suppress(RuntimeError):  # the caller's loop is gone: nobody is waiting
-            loop.call_soon_threadsafe(_settle, pending)
+            loop.call_soon_threadsafe(_settle, futures, results)
 
 
-def _settle(pending: list[tuple[asyncio.Future[int], int | None]]) -> None:
-    for fut, seq in pending:
+def _settle(futures: list[asyncio.Future[int]], seqs: list[int | None]) -> None:
+    for fut, seq in zip(futures, seqs, strict=True):
         if fut.done():
             continue  # the caller gave up (timeout) and cancelled its wait
         if seq is None:
