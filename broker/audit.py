@@ -64,6 +64,7 @@ _dumps = chain.compact_encoder(sort_keys=True, allow_nan=True)  # the same text 
 _ROWS_PER_INSERT, _ROWS_STEP = 512, 16
 _KIND = chain.HASHED_FIELDS.index("kind")
 _COPY = f"COPY audit_events ({', '.join(_STORED)}) FROM STDIN"
+_CP_STORED = (*chain.CHECKPOINT_FIELDS, "signature")
 _STOP = object()
 # Event ids need uniqueness, not secrecy. os.urandom is a syscall that drops the GIL, and on
 # the request path every reacquisition contends with the writer thread (measured: ~40 us).
@@ -113,7 +114,10 @@ class SqlAuditLog:
         self._healthy = True
         self._thread: threading.Thread | None = None
         self._running = False  # the writer thread is alive (cheaper to ask than is_alive())
-        self._sql_cache: dict[tuple[str, int], str] = {}
+        self._sql_cache: dict[int, str] = {}
+        self._mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
+        self._copy = engine.dialect.driver == "psycopg"  # PostgreSQL through psycopg 3
+        self._raw: Any = None  # the writer thread's own DBAPI connection
         self._pending: dict[asyncio.AbstractEventLoop, collections.deque[_Item]] = {}
         self._watchdogs: set[asyncio.Task[None]] = set()
 
@@ -240,6 +244,10 @@ class SqlAuditLog:
             self._loop()
         finally:
             self._running = False
+            if self._raw is not None:
+                with contextlib.suppress(Exception):
+                    self._raw.close()  # back to the pool
+                self._raw = None
 
     def _loop(self) -> None:
         while True:
@@ -281,12 +289,18 @@ class SqlAuditLog:
             rows.append(values)
         cp = self._sign_if_due(seq, prev)
         try:
-            with self._engine.begin() as conn:
-                self._insert(conn, rows)
+            raw = self._connection()
+            cur = raw.cursor()
+            try:
+                self._insert(cur, rows)
                 if cp is not None:  # in the batch's transaction: no commit of its own
-                    conn.execute(insert(db.audit_checkpoints), [cp])
+                    cur.execute(self._checkpoint_sql(), tuple(cp[k] for k in _CP_STORED))
+            finally:
+                cur.close()
+            raw.commit()
         except Exception as exc:  # any failure: nothing of the batch is durable
             log.error("audit write failed (%s); %d records refused", type(exc).__name__, len(batch))
+            self._drop_connection()
             self._healthy = False
             self._reload_head_quietly()
             _resolve(batch, [None] * len(batch))
@@ -302,12 +316,27 @@ class SqlAuditLog:
                 started = dict(zip(_STORED, item.values, strict=True))
                 self._queue.put(_Item(_abandoned(started), None, None))
 
-    def _insert(self, conn: Any, rows: list[list[Any]]) -> None:
+    def _connection(self) -> Any:
+        """The writer's own DBAPI connection, kept between batches: a SQLAlchemy transaction
+        and a pool round trip per batch added ~50 us to every lone call."""
+        if self._raw is None:
+            self._raw = self._engine.raw_connection()
+        return self._raw
+
+    def _drop_connection(self) -> None:
+        """After a failure: discard the connection (whatever state it is in); the next batch
+        takes a fresh one from the pool."""
+        raw, self._raw = self._raw, None
+        if raw is not None:
+            with contextlib.suppress(Exception):
+                raw.invalidate()
+
+    def _insert(self, cur: Any, rows: list[list[Any]]) -> None:
         """Insert the rows (values in ``_STORED`` order) in the open transaction."""
-        if conn.dialect.name == "postgresql":
+        if self._copy:
             # COPY: psycopg re-parses (in Python) any statement with over 50 parameters on
             # every execution, which cost more than the insert itself; COPY formats rows in C.
-            with conn.connection.driver_connection.cursor() as cur, cur.copy(_COPY) as copy:
+            with cur.copy(_COPY) as copy:
                 for values in rows:
                     copy.write_row(values)
             return
@@ -317,22 +346,24 @@ class SqlAuditLog:
             if size > _ROWS_STEP:
                 size -= size % _ROWS_STEP
             flat = tuple(itertools.chain.from_iterable(rows[start : start + size]))
-            conn.exec_driver_sql(self._insert_sql(conn, size), flat)
+            cur.execute(self._insert_sql(size), flat)
             start += size
 
-    def _insert_sql(self, conn: Any, n: int) -> str:
+    def _insert_sql(self, n: int) -> str:
         """One multi-row INSERT: one statement per chunk keeps the database driver from
         dropping and retaking the GIL once per row (each retake waits on the event loop)."""
-        key = (conn.dialect.paramstyle, n)
-        sql = self._sql_cache.get(key)
+        sql = self._sql_cache.get(n)
         if sql is None:
-            mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
-            one = "(" + ", ".join([mark] * len(_STORED)) + ")"
+            one = "(" + ", ".join([self._mark] * len(_STORED)) + ")"
             rows = ", ".join([one] * n)
             # Only our column names and placeholders go into the text; values are parameters.
             sql = f"INSERT INTO audit_events ({', '.join(_STORED)}) VALUES {rows}"  # noqa: S608
-            self._sql_cache[key] = sql
+            self._sql_cache[n] = sql
         return sql
+
+    def _checkpoint_sql(self) -> str:
+        marks = ", ".join([self._mark] * len(_CP_STORED))
+        return f"INSERT INTO audit_checkpoints ({', '.join(_CP_STORED)}) VALUES ({marks})"  # noqa: S608
 
     def _reload_head_quietly(self) -> None:
         # If the database is down, the next write fails too and comes back here.
