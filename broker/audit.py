@@ -6,8 +6,10 @@ chain (``chain.py``), inserts them in one transaction and commits (group commit:
 waits for more records, so a lone call pays one commit and a busy broker shares commits).
 A caller's ``append`` returns only after its record is durable; if that does not happen within
 ``timeout`` it raises ``AuditUnavailable`` and the record is dropped if not yet written (or
-followed by ``call.abandoned`` if it landed late). Signed checkpoints are written after
-commits, off the request path, to the database and to a file outside it.
+followed by ``call.abandoned`` if it landed late). Signed checkpoints of the chain head ride in
+the transaction of the batch that makes them due (every ``checkpoint_every`` records or
+``checkpoint_interval`` seconds) and are appended to a file outside the database after it
+commits; an idle writer checkpoints on its own.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import json
 import logging
+import operator
 import os
 import queue
 import random
@@ -44,18 +48,48 @@ _COLUMNS = (
     "idempotency_key", "user_id",
 )  # fmt: skip
 _STORED = (*chain.HASHED_FIELDS, "hash")
-_ROWS_PER_INSERT = 1000  # 23 parameters a row stays under SQLite's 32,766 variables
+# A record travels as the list of its values in HASHED_FIELDS order: chain_id, seq, event_id,
+# time, the event's own fields, data, prev_hash, then the fields appended later (user_id). The
+# writer fills in seq and prev_hash, hashes the list as it is (chain.values_hash leaves unset
+# late fields out) and appends the hash, and the list is the row's INSERT parameters.
+_DATA_AT = chain.HASHED_FIELDS.index("data")
+_EVENT_FIELDS = chain.HASHED_FIELDS[4:_DATA_AT]
+_LATE_FIELDS = chain.HASHED_FIELDS[chain.PREV_HASH + 1 :]
+if (
+    set(_EVENT_FIELDS) | set(_LATE_FIELDS) != set(_COLUMNS)
+    or chain.PREV_HASH != _DATA_AT + 1
+    or not _LATE_FIELDS
+):
+    raise RuntimeError("audit.py's record layout no longer matches chain.HASHED_FIELDS")
+_event_values = operator.attrgetter(*_EVENT_FIELDS)
+
+
+def _late_values(event: AuditEvent) -> list[Any]:
+    return [getattr(event, name) for name in _LATE_FIELDS]
+
+
+_LATENCY, _COST = chain.HASHED_FIELDS.index("latency_ms"), chain.HASHED_FIELDS.index("cost")
+_dumps = chain.compact_encoder(sort_keys=True, allow_nan=True)  # the same text as db.dumps
+# Rows per INSERT statement: up to 512 (24 parameters a row stay under SQLite's 32,766
+# variables), in multiples of 16 and then the rest, so a batch takes one or two statements
+# out of 47 texts the driver keeps prepared (SQLite parses a 512-row statement in ~2.5 ms;
+# one text per batch size would thrash its 128-statement cache).
+_ROWS_PER_INSERT, _ROWS_STEP = 512, 16
+_KIND = chain.HASHED_FIELDS.index("kind")
+_COPY = f"COPY audit_events ({', '.join(_STORED)}) FROM STDIN"
+_CP_STORED = (*chain.CHECKPOINT_FIELDS, "signature")
 _STOP = object()
 # Event ids need uniqueness, not secrecy. os.urandom is a syscall that drops the GIL, and on
 # the request path every reacquisition contends with the writer thread (measured: ~40 us).
 _ids = random.Random(os.urandom(32))  # noqa: S311
 
 
-@dataclass
+@dataclass(slots=True)
 class _Item:
-    record: dict[str, Any]
+    values: list[Any]  # HASHED_FIELDS order; seq and prev_hash are set by the writer
     loop: asyncio.AbstractEventLoop | None
     future: asyncio.Future[int] | None
+    deadline: float = 0.0  # loop.time() when the caller stops waiting
     gave_up: bool = False  # the caller stopped waiting (it answered 503)
 
 
@@ -92,8 +126,12 @@ class SqlAuditLog:
         self._head = _Head()
         self._healthy = True
         self._thread: threading.Thread | None = None
-        self._sql_cache: dict[tuple[str, int], str] = {}
-        self._pending: dict[asyncio.AbstractEventLoop, collections.deque[tuple[float, _Item]]] = {}
+        self._running = False  # the writer thread is alive (cheaper to ask than is_alive())
+        self._sql_cache: dict[int, str] = {}
+        self._mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
+        self._copy = engine.dialect.driver == "psycopg"  # PostgreSQL through psycopg 3
+        self._raw: Any = None  # the writer thread's own DBAPI connection
+        self._pending: dict[asyncio.AbstractEventLoop, collections.deque[_Item]] = {}
         self._watchdogs: set[asyncio.Task[None]] = set()
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -107,6 +145,7 @@ class SqlAuditLog:
         self._thread = threading.Thread(
             target=self._run, name=f"audit-{self.chain_id}", daemon=True
         )
+        self._running = True
         self._thread.start()
         dangling = await db.run(self._dangling_calls, error=AuditUnavailable)
         for row in dangling:
@@ -160,11 +199,11 @@ class SqlAuditLog:
     # -- appending --------------------------------------------------------------------------
 
     async def append(self, event: AuditEvent) -> int:
-        if self._thread is None or not self._thread.is_alive():
+        if not self._running:
             raise AuditUnavailable("the audit writer is not running")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int] = loop.create_future()
-        item = _Item(self._prepare(event), loop, future)
+        item = _Item(self._prepare(event), loop, future, loop.time() + self._timeout)
         self._queue.put(item)
         self._watch(loop, item)
         return await future
@@ -173,22 +212,24 @@ class SqlAuditLog:
         """Give up on a record after ``timeout``. One watchdog per event loop walks the
         appends in order (they share one timeout, so deadlines are sorted), which costs far
         less than a timer per append."""
-        pending = self._pending.setdefault(loop, collections.deque())
-        pending.append((loop.time() + self._timeout, item))
+        pending = self._pending.get(loop)
+        if pending is None:
+            pending = self._pending[loop] = collections.deque()
+        pending.append(item)
         if len(pending) == 1:
             task = loop.create_task(self._watchdog(loop, pending))
             self._watchdogs.add(task)
             task.add_done_callback(self._watchdogs.discard)
 
     async def _watchdog(
-        self, loop: asyncio.AbstractEventLoop, pending: collections.deque[tuple[float, _Item]]
+        self, loop: asyncio.AbstractEventLoop, pending: collections.deque[_Item]
     ) -> None:
         while pending:
-            deadline, item = pending[0]
+            item = pending[0]
             if item.future is None or item.future.done():
                 pending.popleft()
                 continue
-            if (delay := deadline - loop.time()) > 0:
+            if (delay := item.deadline - loop.time()) > 0:
                 await asyncio.sleep(min(delay, 0.05))
                 continue
             pending.popleft()
@@ -197,38 +238,45 @@ class SqlAuditLog:
                 AuditUnavailable("the audit log did not confirm the record in time")
             )
 
-    def _prepare(self, event: AuditEvent) -> dict[str, Any]:
-        fields = vars(event)
-        record: dict[str, Any] = {c: fields[c] for c in _COLUMNS}
+    def _prepare(self, event: AuditEvent) -> list[Any]:
+        """The record's values (HASHED_FIELDS order), built on the caller's thread."""
         args = _hmac_paths(event.args, event.sensitive, self.keys.hmac)
-        data = {"args": args, "secrets": event.secrets, "detail": event.detail}
-        record.update(
-            chain_id=self.chain_id,
-            event_id=f"{_ids.getrandbits(128):032x}",
-            time=db.utcnow(),
-            data=db.dumps(data),
-        )
-        if record["latency_ms"] is not None:
-            record["latency_ms"] = round(float(record["latency_ms"]), 3)
-        if record["cost"] is not None:
-            record["cost"] = float(record["cost"])
-        return record
+        data = _dumps({"args": args, "secrets": event.secrets, "detail": event.detail})
+        event_id = f"{_ids.getrandbits(128):032x}"
+        values = [
+            self.chain_id, None, event_id, db.utcnow(), *_event_values(event), data, None,
+            *_late_values(event),
+        ]  # fmt: skip
+        if values[_LATENCY] is not None:
+            values[_LATENCY] = round(float(values[_LATENCY]), 3)
+        if values[_COST] is not None:
+            values[_COST] = float(values[_COST])
+        return values
 
     # -- the writer thread ------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self._running = False
+            if self._raw is not None:
+                with contextlib.suppress(Exception):
+                    self._raw.close()  # back to the pool
+                self._raw = None
+
+    def _loop(self) -> None:
         while True:
             try:
                 first = self._queue.get(timeout=self._interval)
             except queue.Empty:
-                self._checkpoint_if_due(idle=True)
+                self._checkpoint_if_idle()
                 continue
             batch, stop = self._drain(first)
             if batch:
                 self._write(batch)
-                self._checkpoint_if_due(idle=False)
             if stop:
-                self._checkpoint_if_due(idle=True)
+                self._checkpoint_if_idle()
                 return
 
     def _drain(self, first: Any) -> tuple[list[_Item], bool]:
@@ -247,21 +295,28 @@ class SqlAuditLog:
     def _write(self, batch: list[_Item]) -> None:
         head = self._head
         seq, prev, rows = head.seq, head.hash, []
+        values_hash, seq_at, prev_at = chain.values_hash, chain.SEQ, chain.PREV_HASH
         for item in batch:
+            values = item.values
             seq += 1
-            values = [item.record.get(k) for k in chain.HASHED_FIELDS]
-            values[chain.SEQ], values[chain.PREV_HASH] = seq, prev
-            prev = chain.values_hash(values)
+            values[seq_at], values[prev_at] = seq, prev
+            prev = values_hash(values)
             values.append(prev)  # _STORED is HASHED_FIELDS + hash
             rows.append(values)
+        cp = self._sign_if_due(seq, prev)
         try:
-            with self._engine.begin() as conn:
-                for start in range(0, len(rows), _ROWS_PER_INSERT):
-                    chunk = rows[start : start + _ROWS_PER_INSERT]
-                    flat = tuple(v for values in chunk for v in values)
-                    conn.exec_driver_sql(self._insert_sql(conn, len(chunk)), flat)
+            raw = self._connection()
+            cur = raw.cursor()
+            try:
+                self._insert(cur, rows)
+                if cp is not None:  # in the batch's transaction: no commit of its own
+                    cur.execute(self._checkpoint_sql(), tuple(cp[k] for k in _CP_STORED))
+            finally:
+                cur.close()
+            raw.commit()
         except Exception as exc:  # any failure: nothing of the batch is durable
-            log.error("audit write failed (%s); %d records refused", type(exc).__name__, len(rows))
+            log.error("audit write failed (%s); %d records refused", type(exc).__name__, len(batch))
+            self._drop_connection()
             self._healthy = False
             self._reload_head_quietly()
             _resolve(batch, [None] * len(batch))
@@ -270,25 +325,61 @@ class SqlAuditLog:
         first = head.seq + 1
         head.seq, head.hash = seq, prev
         _resolve(batch, list(range(first, seq + 1)))
-        for item, values in zip(batch, rows, strict=True):
-            if item.gave_up and item.record["kind"] == "call.started":
-                self._queue.put(
-                    _Item(_abandoned(dict(zip(_STORED, values, strict=True))), None, None)
-                )
+        if cp is not None:
+            self._checkpoint_stored(cp)
+        for item in batch:
+            if item.gave_up and item.values[_KIND] == "call.started":
+                started = dict(zip(_STORED, item.values, strict=True))
+                self._queue.put(_Item(_abandoned(started), None, None))
 
-    def _insert_sql(self, conn: Any, n: int) -> str:
+    def _connection(self) -> Any:
+        """The writer's own DBAPI connection, kept between batches: a SQLAlchemy transaction
+        and a pool round trip per batch added ~50 us to every lone call."""
+        if self._raw is None:
+            self._raw = self._engine.raw_connection()
+        return self._raw
+
+    def _drop_connection(self) -> None:
+        """After a failure: discard the connection (whatever state it is in); the next batch
+        takes a fresh one from the pool."""
+        raw, self._raw = self._raw, None
+        if raw is not None:
+            with contextlib.suppress(Exception):
+                raw.invalidate()
+
+    def _insert(self, cur: Any, rows: list[list[Any]]) -> None:
+        """Insert the rows (values in ``_STORED`` order) in the open transaction."""
+        if self._copy:
+            # COPY: psycopg re-parses (in Python) any statement with over 50 parameters on
+            # every execution, which cost more than the insert itself; COPY formats rows in C.
+            with cur.copy(_COPY) as copy:
+                for values in rows:
+                    copy.write_row(values)
+            return
+        start = 0
+        while start < len(rows):
+            size = min(len(rows) - start, _ROWS_PER_INSERT)
+            if size > _ROWS_STEP:
+                size -= size % _ROWS_STEP
+            flat = tuple(itertools.chain.from_iterable(rows[start : start + size]))
+            cur.execute(self._insert_sql(size), flat)
+            start += size
+
+    def _insert_sql(self, n: int) -> str:
         """One multi-row INSERT: one statement per chunk keeps the database driver from
         dropping and retaking the GIL once per row (each retake waits on the event loop)."""
-        key = (conn.dialect.paramstyle, n)
-        sql = self._sql_cache.get(key)
+        sql = self._sql_cache.get(n)
         if sql is None:
-            mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
-            one = "(" + ", ".join([mark] * len(_STORED)) + ")"
+            one = "(" + ", ".join([self._mark] * len(_STORED)) + ")"
             rows = ", ".join([one] * n)
             # Only our column names and placeholders go into the text; values are parameters.
             sql = f"INSERT INTO audit_events ({', '.join(_STORED)}) VALUES {rows}"  # noqa: S608
-            self._sql_cache[key] = sql
+            self._sql_cache[n] = sql
         return sql
+
+    def _checkpoint_sql(self) -> str:
+        marks = ", ".join([self._mark] * len(_CP_STORED))
+        return f"INSERT INTO audit_checkpoints ({', '.join(_CP_STORED)}) VALUES ({marks})"  # noqa: S608
 
     def _reload_head_quietly(self) -> None:
         # If the database is down, the next write fails too and comes back here.
@@ -297,13 +388,21 @@ class SqlAuditLog:
 
     # -- checkpoints ------------------------------------------------------------------------
 
-    def _checkpoint_if_due(self, *, idle: bool) -> None:
+    def _sign_if_due(self, seq: int, head_hash: str) -> dict[str, Any] | None:
+        """The checkpoint a batch ending at ``seq`` carries, if one is due."""
         head = self._head
-        if head.seq <= head.checkpointed_seq:
-            return
-        due = head.seq - head.checkpointed_seq >= self._every
-        due = due or idle or time.monotonic() - head.checkpointed_at >= self._interval
-        if due:
+        due = seq - head.checkpointed_seq >= self._every
+        if not due and time.monotonic() - head.checkpointed_at < self._interval:
+            return None
+        return self.keys.signer.checkpoint(self.chain_id, seq, head_hash, db.utcnow())
+
+    def _checkpoint_stored(self, cp: dict[str, Any]) -> None:
+        _append_line(self._checkpoint_file, cp)
+        head = self._head
+        head.checkpointed_seq, head.checkpointed_at = int(cp["seq"]), time.monotonic()
+
+    def _checkpoint_if_idle(self) -> None:
+        if self._head.seq > self._head.checkpointed_seq:
             self.checkpoint()
 
     def checkpoint(self) -> dict[str, Any] | None:
@@ -316,8 +415,7 @@ class SqlAuditLog:
         except Exception as exc:
             log.error("audit checkpoint not stored (%s)", type(exc).__name__)
             return None
-        _append_line(self._checkpoint_file, cp)
-        head.checkpointed_seq, head.checkpointed_at = head.seq, time.monotonic()
+        self._checkpoint_stored(cp)
         return cp
 
     def hmac_all(self, value: Any) -> list[str]:
@@ -434,17 +532,22 @@ def _cp(row: Any) -> dict[str, Any]:
 
 def _resolve(batch: list[_Item], seqs: list[int | None]) -> None:
     """Wake the waiters: one hand-over per event loop and batch, not one per record."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[int], int | None]]] = {}
+    by_loop: dict[asyncio.AbstractEventLoop, tuple[list[asyncio.Future[int]], list[int | None]]]
+    by_loop = {}
     for item, seq in zip(batch, seqs, strict=True):
         if item.future is not None and item.loop is not None:
-            by_loop.setdefault(item.loop, []).append((item.future, seq))
-    for loop, pending in by_loop.items():
+            waiting = by_loop.get(item.loop)
+            if waiting is None:
+                waiting = by_loop[item.loop] = ([], [])
+            waiting[0].append(item.future)
+            waiting[1].append(seq)
+    for loop, (futures, results) in by_loop.items():
         with contextlib.suppress(RuntimeError):  # the caller's loop is gone: nobody is waiting
-            loop.call_soon_threadsafe(_settle, pending)
+            loop.call_soon_threadsafe(_settle, futures, results)
 
 
-def _settle(pending: list[tuple[asyncio.Future[int], int | None]]) -> None:
-    for fut, seq in pending:
+def _settle(futures: list[asyncio.Future[int]], seqs: list[int | None]) -> None:
+    for fut, seq in zip(futures, seqs, strict=True):
         if fut.done():
             continue  # the caller gave up (timeout) and cancelled its wait
         if seq is None:
@@ -453,37 +556,23 @@ def _settle(pending: list[tuple[asyncio.Future[int], int | None]]) -> None:
             fut.set_result(seq)
 
 
-def _abandoned(started: dict[str, Any]) -> dict[str, Any]:
+def _abandoned(started: dict[str, Any]) -> list[Any]:
     """The record that closes a call whose caller gave up waiting for call.started."""
-    record: dict[str, Any] = dict.fromkeys(_COLUMNS)
-    record.update(
-        {
-            k: started[k]
-            for k in (
-                "call_id",
-                "agent_id",
-                "capability",
-                "capability_version",
-                "task_id",
-                "chain_id",
-                "user_id",
-            )
-        }
-    )
+    record: dict[str, Any] = dict.fromkeys(chain.HASHED_FIELDS)
+    keep = (
+        "call_id", "agent_id", "capability", "capability_version", "task_id", "chain_id",
+        "user_id",
+    )  # fmt: skip
+    record.update({k: started[k] for k in keep})
+    why = "call.started was written after the caller gave up; nothing ran"
     record.update(
         kind="call.abandoned",
         reason="audit_timeout",
         event_id=uuid.uuid4().hex,
         time=db.utcnow(),
-        data=db.dumps(
-            {
-                "args": None,
-                "secrets": [],
-                "detail": {"why": "call.started was written after the caller gave up; nothing ran"},
-            }
-        ),
+        data=_dumps({"args": None, "secrets": [], "detail": {"why": why}}),
     )
-    return record
+    return [record[k] for k in chain.HASHED_FIELDS]
 
 
 def _append_line(path: Path, obj: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +21,7 @@ from sqlalchemy import (
     Column,
     Engine,
     Float,
+    Index,
     Integer,
     MetaData,
     String,
@@ -28,6 +30,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    text,
 )
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -108,7 +111,7 @@ audit_events = Table(
     Column("upstream_status", Integer, nullable=True),
     Column("latency_ms", Float, nullable=True),
     Column("cost", Float, nullable=True),
-    Column("task_id", String(128), nullable=True, index=True),
+    Column("task_id", String(128), nullable=True),
     Column("trace_id", String(64), nullable=True),
     Column("idempotency_key", String(256), nullable=True),
     Column("data", Text, nullable=False),
@@ -116,6 +119,14 @@ audit_events = Table(
     Column("hash", String(64), nullable=False),
     Column("user_id", String(128), nullable=True, index=True),  # migration 0004
     UniqueConstraint("chain_id", "seq", name="uq_audit_chain_seq"),
+    # Most records belong to no task: a partial index costs those nothing, and `task_id = x`
+    # still uses it (it implies `task_id IS NOT NULL` on both databases).
+    Index(
+        "ix_audit_events_task_id",
+        "task_id",
+        sqlite_where=text("task_id IS NOT NULL"),
+        postgresql_where=text("task_id IS NOT NULL"),
+    ),
 )
 
 audit_checkpoints = Table(
@@ -242,12 +253,22 @@ budget_reservations = Table(
 )
 
 
+_this_second: tuple[int, str] = (-1, "")  # (unix second, its "YYYY-MM-DDTHH:MM:SS." text)
+
+
 def utcnow() -> str:
     """Timestamps are fixed-width ISO 8601 UTC text: they sort and compare the same everywhere.
 
-    ``2026-11-26T11:21:09.551000Z`` (isoformat is several times faster than strftime).
+    ``2026-11-26T11:21:09.551000Z``. Every audit record takes one, so the text of the current
+    second is formatted once and reused (0.3 us instead of 1.6 us for datetime.isoformat).
     """
-    return datetime.now(UTC).isoformat(timespec="microseconds")[:26] + "Z"
+    global _this_second
+    second, micros = divmod(time.time_ns() // 1000, 1_000_000)
+    cached = _this_second
+    if cached[0] != second:
+        stamp = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+        cached = _this_second = (second, stamp)
+    return f"{cached[1]}{micros:06d}Z"
 
 
 # json.dumps with options builds a new encoder per call; one prebuilt encoder is much cheaper.

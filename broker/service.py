@@ -235,7 +235,7 @@ class Broker:
         return Principal(agent.id, agent.name, roles, dict(agent.attributes), token_id)
 
     async def invoke(self, req: InvokeRequest) -> InvokeResult:
-        call = Call(call_id="call_" + uuid.uuid4().hex, request=req)
+        call = Call(call_id=new_call_id(), request=req)
         started = time.perf_counter()
         with self.tracer.span(
             "broker.invoke", kind="server", traceparent=req.traceparent, call_id=call.call_id
@@ -792,3 +792,14 @@ def _pick(body: Mapping[str, Any], path: str) -> Any:
             return None
         node = node[part]
     return node
+
+
+def new_call_id() -> str:
+    """``call_`` + 32 hex digits: the time in milliseconds (12), then the last 20 hex digits of
+    a random UUID (74 random bits).
+
+    Ids that grow with time are appended at the end of the audit log's call_id index; random
+    ones land on a random index page each, which costs the audit writer a page write per
+    record and about half its insert speed once the index outgrows the cache.
+    """
+    return f"call_{time.time_ns() // 1_000_000:012x}{uuid.uuid4().hex[-20:]}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import json
@@ -13,9 +14,14 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from broker import chain
+from broker import audit, chain, db
+from broker.audit import SqlAuditLog
 from broker.cli import cli
+from broker.db import make_engine, migrate
 from broker.devserver import DevVault
+from broker.errors import AuditUnavailable
+from broker.keyring import AuditKeys
+from broker.ports import AuditEvent
 from tests.support.brokers import RunningBroker, start_broker
 from tests.support.upstreams import RunningUpstream
 from tests.test_invoke import echo_manifest, invoke
@@ -78,6 +84,84 @@ def verify(openbao: DevVault, where: tuple[str, Path]) -> dict[str, Any]:
 def checkpoint_seqs(data: Path) -> list[int]:
     [file] = (data / "audit-checkpoints").glob("*.jsonl")
     return sorted(json.loads(line)["seq"] for line in file.read_text().splitlines())
+
+
+# -- the hash stays byte for byte what it was ---------------------------------------------------
+
+
+def test_record_hash_and_data_text_are_stable() -> None:
+    """Exported logs are verified by other versions: the canonical text must never drift (the
+    expected values were computed before the writer's encoders were rebuilt for speed)."""
+    data = {
+        "args": {"m": 'é\n"x"', "n": [1, 2.5, None, True]},
+        "secrets": [{"path": "p", "version": 1}],
+        "detail": {"z": 1, "a": "☃"},
+    }
+    text = '{"args":{"m":"é\\n\\"x\\"","n":[1,2.5,null,true]},"detail":{"a":"☃","z":1},"secrets":[{"path":"p","version":1}]}'  # noqa: E501
+    assert audit._dumps(data) == text == db.dumps(data)
+    record = dict(
+        chain_id="main", seq=3, event_id="0123456789abcdef0123456789abcdef",
+        time="2026-11-26T11:21:09.551000Z", kind="call.finished", call_id="call_x",
+        agent_id="ava", capability="test.echo", capability_version=2, decision="allow",
+        rule=None, reason=None, status="succeeded", upstream_status=200, latency_ms=12.345,
+        cost=1.0, task_id="t-ü", trace_id=None, idempotency_key=None, data=text,
+        prev_hash="ab" * 32,
+    )  # fmt: skip
+    expected = "92e671eb154800b6c52cdc58eb714ac99381dd72b98e41ff8b9b9be81523076f"
+    assert chain.record_hash(record) == expected
+    with pytest.raises(ValueError):  # NaN is not JSON: such a record cannot be hashed
+        chain.record_hash({**record, "cost": float("nan")})
+
+
+def test_writer_batches_and_recovers_after_a_failed_write(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Straight on the writer: a burst is grouped into batches (several INSERT sizes, or COPY)
+    with checkpoints inside them; a failed write refuses its records, and once the database
+    takes writes again the writer goes on from the last durable record."""
+    engine = make_engine(database_url)
+    migrate(engine)
+    log = SqlAuditLog(
+        engine, keys=AuditKeys(tmp_path / "sign.pem", tmp_path / "hmac.json"),
+        checkpoint_dir=tmp_path / "cp", chain_id="w", checkpoint_every=100,
+    )  # fmt: skip
+    pg = engine.dialect.name == "postgresql"
+    refuse = (
+        ["CREATE FUNCTION refuse_audit() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'full'; "
+         "END $$ LANGUAGE plpgsql",
+         "CREATE TRIGGER refuse BEFORE INSERT ON audit_events FOR EACH ROW "
+         "EXECUTE FUNCTION refuse_audit()"]
+        if pg else
+        ["CREATE TRIGGER refuse BEFORE INSERT ON audit_events "
+         "BEGIN SELECT RAISE(ABORT, 'full'); END"]
+    )  # fmt: skip
+    accept = (
+        ["DROP TRIGGER refuse ON audit_events", "DROP FUNCTION refuse_audit()"]
+        if pg else ["DROP TRIGGER refuse"]
+    )  # fmt: skip
+
+    async def scenario() -> dict[str, Any]:
+        await log.start()
+        burst = [AuditEvent(kind="call.finished", call_id=f"c{i}", cost=i) for i in range(333)]
+        seqs = await asyncio.gather(*(log.append(e) for e in burst))
+        assert sorted(seqs) == list(range(1, 334))
+        sql(database_url, *refuse)
+        with pytest.raises(AuditUnavailable):
+            await log.append(AuditEvent(kind="call.finished"))
+        sql(database_url, *accept)
+        assert await log.append(AuditEvent(kind="call.finished", latency_ms=1.23456)) == 334
+        await log.close()  # signs the head
+        return await log.verify()
+
+    try:
+        report = asyncio.run(scenario())
+    finally:
+        engine.dispose()
+    assert report["ok"] is True and report["checked"] == 334
+    # One rode in the burst's transaction (at least 100 records), one at close.
+    assert report["chains"][0]["checkpoints"] >= 2
+    stored = {r["seq"]: r for r in rows(database_url)}
+    assert stored[334]["latency_ms"] == 1.235 and stored[7]["cost"] == 6.0
 
 
 # -- an honest log verifies --------------------------------------------------------------------

@@ -78,13 +78,21 @@ def upgrade() -> None:
         sa.Column("upstream_status", sa.Integer, nullable=True),
         sa.Column("latency_ms", sa.Float, nullable=True),
         sa.Column("cost", sa.Float, nullable=True),
-        sa.Column("task_id", sa.String(128), nullable=True, index=True),
+        sa.Column("task_id", sa.String(128), nullable=True),
         sa.Column("trace_id", sa.String(64), nullable=True),
         sa.Column("idempotency_key", sa.String(256), nullable=True),
         sa.Column("data", sa.Text, nullable=False),
         sa.Column("prev_hash", sa.String(64), nullable=False),
         sa.Column("hash", sa.String(64), nullable=False),
         sa.UniqueConstraint("chain_id", "seq", name="uq_audit_chain_seq"),
+    )
+    # Partial: most records belong to no task (see db.audit_events).
+    op.create_index(
+        "ix_audit_events_task_id",
+        "audit_events",
+        ["task_id"],
+        sqlite_where=sa.text("task_id IS NOT NULL"),
+        postgresql_where=sa.text("task_id IS NOT NULL"),
     )
     op.create_table(
         "audit_checkpoints",
