@@ -490,12 +490,12 @@ class TcpProxy:
 def test_database_down_mid_run_is_503_and_nothing_executed(
     openbao: DevVault, tmp_path: Path, upstream: RunningUpstream
 ) -> None:
-    from tests.support.brokers import POSTGRES_URL, reset_postgres
+    from tests.support.brokers import POSTGRES_URL, postgres_url, reset_postgres
 
     if not POSTGRES_URL:
         pytest.skip("BROKER_TEST_POSTGRES_URL is not set")
-    reset_postgres(POSTGRES_URL)
-    url = sa.engine.make_url(POSTGRES_URL)
+    reset_postgres(postgres_url())
+    url = sa.engine.make_url(postgres_url())
     proxy = TcpProxy((url.host or "127.0.0.1", url.port or 5432))
     via_proxy = url.set(port=proxy.port).render_as_string(hide_password=False)
     rb = start_broker(openbao, via_proxy, tmp_path / "data", audit_timeout=2.0)

@@ -6,6 +6,7 @@ BROKER_TEST_POSTGRES_URL is set (CI sets it).
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 from collections.abc import Iterator
@@ -29,6 +30,26 @@ from tests.support.upstreams import ServerThread
 POSTGRES_URL = os.environ.get("BROKER_TEST_POSTGRES_URL")
 
 
+@functools.cache
+def postgres_url() -> str:
+    """The PostgreSQL URL for this test process. Under pytest-xdist each worker gets its own
+    database (``<name>_<worker>``, created on first use), so workers never drop each other's
+    tables."""
+    assert POSTGRES_URL
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker:
+        return POSTGRES_URL
+    url = sa.engine.make_url(POSTGRES_URL)
+    name = f"{url.database}_{worker}"
+    engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        found = conn.execute(sa.text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name})
+        if found.first() is None:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    engine.dispose()
+    return url.set(database=name).render_as_string(hide_password=False)
+
+
 def reset_postgres(url: str) -> None:
     """Drop every table (new tables included) so each test starts from an empty database."""
     engine = sa.create_engine(url)
@@ -45,8 +66,8 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'broker.db'}"
     if not POSTGRES_URL:
         pytest.skip("BROKER_TEST_POSTGRES_URL is not set")
-    reset_postgres(POSTGRES_URL)
-    return POSTGRES_URL
+    reset_postgres(postgres_url())
+    return postgres_url()
 
 
 @dataclass
