@@ -102,7 +102,7 @@ class Deferred:
         try:
             if req.approval_id is not None:
                 return await self._presented(call, req.approval_id)
-            if call.cap.approval == "required":
+            if call.cap.approval == "required" or call.approval_rule is not None:
                 return await self._hold(call)
             if req.respond_async or call.cap.long_running:
                 return await self._enqueue(call)
@@ -118,7 +118,8 @@ class Deferred:
         expires = stamp(datetime.now(UTC) + timedelta(seconds=self.approval_ttl))
         await self.b._record_or_refuse(call, call.event(
             "approval.requested", decision="allow", args=call.args,
-            detail={"approval_id": approval_id, "expires_at": expires},
+            detail={"approval_id": approval_id, "expires_at": expires,
+                    "required_by": call.approval_rule or "capability"},
         ))  # fmt: skip
         approval = ApprovalRecord(
             id=approval_id, call_id=call.call_id, agent_id=call.principal.agent_id,

@@ -84,7 +84,10 @@ ADMIN_ACTIONS = (
     "approvals.decide",
     "users.write",
 )
-ACTIONS = ("invoke", *ADMIN_ACTIONS)
+# "approve": an allow of it makes invoking the capability wait for a human approval (its
+# condition may look at the arguments, e.g. only above an amount); a deny exempts.
+ACTIONS = ("invoke", "approve", *ADMIN_ACTIONS)
+ARG_ACTIONS = ("invoke", "approve")  # actions decided with the call's arguments
 EFFECTS = ("allow", "deny")
 DECISION_CACHE_SIZE = 65_536  # entries per snapshot; the cache is emptied when full
 
@@ -361,7 +364,7 @@ def _lint_arguments(
     capabilities: Mapping[str, Collection[str]],
     add: Callable[[Literal["error", "warning"], str], None],
 ) -> None:
-    if used and rule.action != "invoke":
+    if used and rule.action not in ARG_ACTIONS:
         add("warning", f"{rule.action} carries no arguments: a condition on args is never true")
         return
     for arg in used:

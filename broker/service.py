@@ -136,6 +136,7 @@ class Call:
     claim: Claim | None = None  # the Idempotency-Key this call holds
     key: str | None = None  # the Idempotency-Key, once it parsed
     task_id: str | None = None  # X-Broker-Task, once it parsed
+    approval_rule: str | None = None  # the policy rule that makes this call wait for approval
     trace_id: str | None = None  # the trace of this call (the caller's or the broker's own)
     attempts: int = 0  # requests sent upstream (more than 1 only for idempotent capabilities)
     hold: BudgetHold | None = None  # budgets held from the reservation until settled
@@ -370,6 +371,11 @@ class Broker:
             except errors.PolicyDenied as exc:
                 call.rule, call.decision = exc.details.get("rule"), "deny"
                 raise
+            # A policy rule can require a human approval for this call (action "approve").
+            held = self.policy.decide(
+                who.subject, call.cap.name, "approve", args=call.args, agent=who.as_subject_data()
+            )
+            call.approval_rule = held.rule if held.allowed else None
 
     async def _refuse(self, call: Call, exc: BrokerError) -> None:
         exc.call_id = call.call_id

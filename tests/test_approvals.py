@@ -239,3 +239,38 @@ def test_mcp_gets_a_readable_pending_result(rb: RunningBroker, upstream: Running
     call_id = result.structured_content["call_id"]
     assert rb.sdk(token).get_call(call_id)["state"] == "approval_pending"
     assert sent(upstream) == 0
+
+
+def test_a_policy_rule_can_require_an_approval_for_some_arguments(
+    rb: RunningBroker, upstream: RunningUpstream
+) -> None:
+    """Action "approve" in a policy rule: allowed = this call waits for a human. Its condition
+    sees the arguments, so only large counts wait; a deny exempts an agent."""
+    rb.admin.put_capability(echo_manifest(upstream.url, "test.pay"))
+    rb.admin.add_policy("role:tester", "test.pay", "approve", "allow", "args.count > 10")
+    token = rb.agent("alice", ["tester"])
+    http = rb.http(token)
+    small = http.post(
+        "/v1/capabilities/test.pay/invoke", json={"args": {"message": "a", "count": 5}}
+    )
+    assert small.status_code == 200, small.text  # runs at once
+    big = http.post(
+        "/v1/capabilities/test.pay/invoke", json={"args": {"message": "b", "count": 50}}
+    )
+    assert big.status_code == 202, big.text
+    assert big.json()["status"] == "approval_pending"
+    assert sent(upstream) == 1
+    requested = [
+        e for e in rb.audit(call_id=big.json()["call_id"]) if e["kind"] == "approval.requested"
+    ]
+    assert requested[0]["detail"]["required_by"].startswith("pol_")
+    assert decide(rb, big.json()["approval_id"], "approve").status_code == 200
+    done = rb.sdk(token).wait_call(big.json()["call_id"], timeout=20)
+    assert done["state"] == "succeeded" and sent(upstream) == 2
+    # An explicit deny of "approve" exempts bob from the approval.
+    bob = rb.agent("bob", ["tester"])
+    rb.admin.add_policy("agent:bob", "test.pay", "approve", "deny")
+    r = rb.http(bob).post(
+        "/v1/capabilities/test.pay/invoke", json={"args": {"message": "c", "count": 50}}
+    )
+    assert r.status_code == 200, r.text
