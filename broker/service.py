@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from broker import errors, retries
-from broker.capabilities import Capability, slots_in
+from broker.capabilities import Capability, is_name, slots_in
 from broker.errors import BrokerError
 from broker.onbehalf import OnBehalf
 from broker.ports import (
@@ -143,11 +143,14 @@ class Call:
 
     def event(self, kind: str, **fields: Any) -> AuditEvent:
         cap = self.cap
+        # A name from the path that no capability can have stays out of the bounded column
+        # (on PostgreSQL it would fail the record, and every other record of its batch).
+        asked = self.request.capability if is_name(self.request.capability) else None
         return AuditEvent(
             kind=kind,
             call_id=self.call_id,
             agent_id=self.principal.agent_id if self.principal else None,
-            capability=cap.name if cap else self.request.capability,
+            capability=cap.name if cap else asked,
             capability_version=cap.version if cap else None,
             rule=self.rule,
             task_id=self.task_id,
@@ -342,7 +345,8 @@ class Broker:
             if user is not None:
                 call.principal = replace(call.principal, user_id=user.id)
         with self._stage("decide") as span:
-            call.cap = await self.registry.get(req.capability)
+            # A name no capability can have is not looked up (a NUL is a storage error).
+            call.cap = await self.registry.get(req.capability) if is_name(req.capability) else None
             if call.cap is None:
                 raise errors.CapabilityNotFound(f"no capability named {req.capability!r}")
             span.set(capability=call.cap.name, capability_version=call.cap.version)

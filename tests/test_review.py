@@ -1,0 +1,68 @@
+"""Adversarial review where features meet: odd input on the invoke hot path, durable jobs and
+tasks, approvals and capability changes. Real broker, OpenBao, upstreams; SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import socket
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.support.brokers import RunningBroker
+from tests.support.upstreams import RunningUpstream
+from tests.test_invoke import SECRET, echo_manifest
+
+
+@pytest.fixture
+def rb(running_broker: RunningBroker, upstream: RunningUpstream) -> RunningBroker:
+    running_broker.secret("tests/echo", {"token": SECRET})
+    running_broker.admin.put_capability(echo_manifest(upstream.url))
+    running_broker.admin.add_policy("role:tester", "test.*")
+    return running_broker
+
+
+def raw_post(rb: RunningBroker, path: bytes, token: str | None, body: bytes) -> int:
+    """POST with a path sent byte for byte (httpx would normalise it); the status code."""
+    where = urlsplit(rb.url)
+    auth = b"Authorization: Bearer " + token.encode() + b"\r\n" if token else b""
+    request = (
+        b"POST " + path + b" HTTP/1.1\r\nHost: broker\r\n" + auth
+        + b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
+        + b"Connection: close\r\n\r\n" + body
+    )  # fmt: skip
+    with socket.create_connection((where.hostname, where.port), timeout=30) as s:
+        s.sendall(request)
+        head = s.recv(65536)
+    return int(head.split(b" ", 2)[1])
+
+
+@pytest.mark.parametrize("name", [b"x" * 300, b"test%00echo", b"a%FF" + b"b" * 200])
+@pytest.mark.parametrize("agent", [True, False])
+def test_an_impossible_capability_name_is_404_and_audited(
+    rb: RunningBroker, name: bytes, agent: bool
+) -> None:
+    """A name no capability can have (too long, NUL, not a name) is a client mistake: 404,
+    nothing looked up, and the refusal is on record. On PostgreSQL the raw name used to go
+    into the bounded ``capability`` column: the record was refused, and with it every other
+    record of the same audit batch (other agents' ``call.started`` among them)."""
+    token = rb.agent("alice", ["tester"]) if agent else None
+    status = raw_post(rb, b"/v1/capabilities/" + name + b"/invoke", token, b'{"args": {}}')
+    assert status == (404 if agent else 401)
+    code = "capability_not_found" if agent else "unauthenticated"
+    assert [e["reason"] for e in rb.audit(kind="call.rejected")] == [code]
+    # The hot path's oversize refusal takes the name from the path too.
+    big = b'{"args": {"message": "' + b"m" * 1_100_000 + b'"}}'
+    assert raw_post(rb, b"/v1/capabilities/" + name + b"/invoke", token, big) == 413
+    reasons = sorted(e["reason"] for e in rb.audit(kind="call.rejected"))
+    assert reasons == sorted([code, "request_too_large"])
+    assert rb.admin.verify_audit()["ok"]
+
+
+@pytest.mark.parametrize("path", [b"/invoke", b"/v1/invoke", b"/v1/capabilities/invoke"])
+def test_an_oversize_body_to_any_invoke_like_path_is_413(rb: RunningBroker, path: bytes) -> None:
+    """The body limit audits its refusal with the capability taken from the path; a path that
+    merely ends in /invoke used to make that an IndexError, and the client got a 500."""
+    big = b'{"args": {"message": "' + b"m" * 1_100_000 + b'"}}'
+    assert raw_post(rb, path, None, big) == 413
+    assert [e["reason"] for e in rb.audit(kind="call.rejected")] == ["request_too_large"]
