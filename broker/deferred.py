@@ -310,7 +310,9 @@ class Deferred:
             token=None, capability=job.capability, body=b"", task_id=job.task_id,
             idempotency_key=job.idempotency_key, trace_id=job.trace_id,
         )  # fmt: skip
-        call = Call(call_id=job.call_id, request=request, args=job.args, trace_id=job.trace_id)
+        # The task and the key go on every record of the job, as on a synchronous call's.
+        call = Call(call_id=job.call_id, request=request, args=job.args, trace_id=job.trace_id,
+                    task_id=job.task_id, key=job.idempotency_key)  # fmt: skip
         started = time.perf_counter()
         try:
             await self._attempt(call, job)
@@ -410,7 +412,7 @@ def _stored(call: Call, state: str, approval_id: str | None = None) -> StoredCal
         call_id=call.call_id, agent_id=call.principal.agent_id, capability=call.cap.name,
         capability_version=call.cap.version, args=call.args, args_hash=args_hash(call.args),
         state=state, task_id=req.task_id, trace_id=call.trace_id or req.trace_id,
-        idempotency_key=req.idempotency_key, approval_id=approval_id,
+        idempotency_key=call.key, approval_id=approval_id,  # the parsed key, not the header
         user_id=call.principal.user_id,
     )  # fmt: skip
 

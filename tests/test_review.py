@@ -11,6 +11,7 @@ import pytest
 
 from tests.support.brokers import RunningBroker
 from tests.support.upstreams import RunningUpstream
+from tests.test_idempotency import cap
 from tests.test_invoke import SECRET, echo_manifest
 
 
@@ -66,3 +67,25 @@ def test_an_oversize_body_to_any_invoke_like_path_is_413(rb: RunningBroker, path
     big = b'{"args": {"message": "' + b"m" * 1_100_000 + b'"}}'
     assert raw_post(rb, path, None, big) == 413
     assert [e["reason"] for e in rb.audit(kind="call.rejected")] == ["request_too_large"]
+
+
+def test_a_job_keeps_its_task_and_idempotency_key(
+    rb: RunningBroker, upstream: RunningUpstream
+) -> None:
+    """A job's records carry the task and the key like a synchronous call's: a query by task
+    finds the job's execution (and its cost), and the declared header gets the agent's key.
+    The worker used to rebuild the call without them (and stored the raw header value)."""
+    rb.admin.put_capability(
+        cap(upstream.url, "test.keyed", "/echo", idempotency_header="Idempotency-Key")
+    )
+    http = rb.http(rb.agent("alice", ["tester"]))
+    headers = {"Prefer": "respond-async", "Idempotency-Key": '"order-9"', "X-Broker-Task": "t-9"}
+    r = http.post("/v1/capabilities/test.keyed/invoke", json={"args": {"message": "j"}},
+                  headers=headers)  # fmt: skip
+    assert r.status_code == 202, r.text
+    call_id = r.json()["call_id"]
+    assert rb.admin.wait_call(call_id)["state"] == "succeeded"
+    assert upstream.requests[-1].header("idempotency-key") == "order-9"
+    kinds = [e["kind"] for e in rb.audit(task="t-9")]
+    assert kinds == ["call.queued", "call.started", "call.finished"]
+    assert {e["idempotency_key"] for e in rb.audit(call_id=call_id)} == {"order-9"}
