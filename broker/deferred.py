@@ -174,7 +174,11 @@ class Deferred:
         for a in await self.store.list_approvals(status, 500):
             call = await self.store.get_call(a.call_id)
             cap = await self.b.registry.get(a.capability)
-            args = _masked(call.args, cap) if call else None
+            # Which values are sensitive is known only from the manifest the call was made
+            # for; a deleted or replaced one cannot say (and the call can no longer run).
+            args = None
+            if call is not None and cap is not None and cap.version == call.capability_version:
+                args = _masked(call.args, cap)
             out.append({**approval_view(a), "args": args})
         return out
 

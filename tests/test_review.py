@@ -89,3 +89,28 @@ def test_a_job_keeps_its_task_and_idempotency_key(
     kinds = [e["kind"] for e in rb.audit(task="t-9")]
     assert kinds == ["call.queued", "call.started", "call.finished"]
     assert {e["idempotency_key"] for e in rb.audit(call_id=call_id)} == {"order-9"}
+
+
+@pytest.mark.parametrize("change", ["delete", "unmark"])
+def test_approvers_never_see_a_sensitive_argument_after_the_capability_changes(
+    rb: RunningBroker, upstream: RunningUpstream, change: str
+) -> None:
+    """The approvals list masks ``x-sensitive`` values by the capability's current manifest;
+    once it was deleted or replaced without the mark, the value of the waiting call was shown
+    in clear (the audit log only ever holds its HMAC)."""
+    manifest = echo_manifest(upstream.url, "test.held")
+    manifest["approval"] = "required"
+    manifest["input"]["properties"]["note"] = {"type": "string", "x-sensitive": True}
+    rb.admin.put_capability(manifest)
+    http = rb.http(rb.agent("alice", ["tester"]))
+    args = {"message": "m", "note": "pin-4711"}
+    r = http.post("/v1/capabilities/test.held/invoke", json={"args": args})
+    assert r.status_code == 202, r.text
+    if change == "delete":
+        rb.admin.delete_capability("test.held")
+    else:
+        manifest["input"]["properties"]["note"] = {"type": "string"}
+        rb.admin.put_capability(manifest)
+    listed = rb.http(rb.admin_token).get("/v1/approvals")
+    assert listed.status_code == 200
+    assert "pin-4711" not in listed.text
