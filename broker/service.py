@@ -138,6 +138,7 @@ class Call:
     task_id: str | None = None  # X-Broker-Task, once it parsed
     trace_id: str | None = None  # the trace of this call (the caller's or the broker's own)
     attempts: int = 0  # requests sent upstream (more than 1 only for idempotent capabilities)
+    reached: bool = False  # an attempt may have reached the upstream (it was not refused first)
     hold: BudgetHold | None = None  # budgets held from the reservation until settled
     cost: float | None = None  # what the call was charged (None: nothing ran)
 
@@ -480,7 +481,8 @@ class Broker:
             err.call_id = call.call_id
             err.message = redactor.redact_text(err.message)
             # Refunded when the request surely never left; else the upstream may have acted.
-            unsent = not call.sent or isinstance(err, NOT_SENT)
+            # A retry the breaker refuses is NOT_SENT, but an earlier attempt may have acted.
+            unsent = not call.reached
             charge = None if unsent else cap.limits.reservation()
             await self._settle(call, charge)
             await self._finish(
@@ -624,9 +626,15 @@ class Broker:
 
         async def attempt(seconds_left: float) -> UpstreamResponse:
             call.attempts += 1
-            return await self.upstream.send(
-                request, timeout=seconds_left, max_bytes=min(limit, self.max_response_bytes)
-            )
+            try:
+                response = await self.upstream.send(
+                    request, timeout=seconds_left, max_bytes=min(limit, self.max_response_bytes)
+                )
+            except BaseException as exc:
+                call.reached = call.reached or not isinstance(exc, NOT_SENT)
+                raise
+            call.reached = True
+            return response
 
         return await retries.send(
             attempt,

@@ -5,14 +5,20 @@ tasks, approvals and capability changes. Real broker, OpenBao, upstreams; SQLite
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
-from tests.support.brokers import RunningBroker
+from broker.devserver import DevVault
+from tests import test_breaker as brk
+from tests.support.brokers import RunningBroker, start_broker
 from tests.support.upstreams import RunningUpstream
 from tests.test_idempotency import cap
 from tests.test_invoke import SECRET, echo_manifest
+from tests.test_jobs import wait_for
 
 
 @pytest.fixture
@@ -114,3 +120,38 @@ def test_approvers_never_see_a_sensitive_argument_after_the_capability_changes(
     listed = rb.http(rb.admin_token).get("/v1/approvals")
     assert listed.status_code == 200
     assert "pin-4711" not in listed.text
+
+
+@pytest.fixture
+def slow_retries(openbao: DevVault, database_url: str, tmp_path: Path) -> Iterator[RunningBroker]:
+    """Two failures open a circuit; an idempotent call waits 3 to 6 s before its retry."""
+    slow = {"breaker_failure_threshold": 2, "retry_attempts": 2, "retry_backoff": 3.0,
+            "retry_backoff_max": 3.0}  # fmt: skip
+    rb = start_broker(openbao, database_url, tmp_path / "data", **{**brk.FAST, **slow})
+    rb.secret("tests/brk", {"token": brk.SECRET})
+    rb.admin.add_policy("role:tester", "brk.*")
+    yield rb
+    rb.close()
+
+
+def test_a_retry_refused_by_the_breaker_still_charges_the_attempt_that_was_sent(
+    slow_retries: RunningBroker, upstream: RunningUpstream
+) -> None:
+    """An idempotent call's first attempt reaches the upstream (503), and while it waits to
+    retry, another call opens the circuit: the retry is refused (upstream_unavailable). The
+    first attempt was sent, so the hold is charged, not refunded as if nothing had left."""
+    rb = slow_retries
+    down = f"{upstream.url}/status/503"
+    rb.admin.put_capability(brk.manifest("brk.read", down, idempotent=True, timeout="30s", cost=1))
+    rb.admin.put_capability(brk.manifest("brk.write", down))
+    token = rb.agent("ivy", ["tester"])
+    rb.admin.set_budget(10, "day", agent="ivy")
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(brk.invoke, rb, token, "brk.read")
+        wait_for(lambda: brk.sent(upstream, "/status/503") == 1, "the first attempt")
+        assert brk.invoke(rb, token, "brk.write").json()["upstream_status"] == 503  # opens
+        r = first.result()
+    assert r.json()["error"]["code"] == "upstream_unavailable"
+    assert brk.sent(upstream, "/status/503") == 2  # the retry never left
+    assert brk.finished(rb, r.json()["error"]["call_id"])["cost"] == 1.0
+    assert rb.admin.get_budget(agent="ivy")["spent"] == 1.0
