@@ -155,3 +155,24 @@ def test_a_retry_refused_by_the_breaker_still_charges_the_attempt_that_was_sent(
     assert brk.sent(upstream, "/status/503") == 2  # the retry never left
     assert brk.finished(rb, r.json()["error"]["call_id"])["cost"] == 1.0
     assert rb.admin.get_budget(agent="ivy")["spent"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "method, path",
+    [
+        ("GET", "/v1/calls/call_%00"),
+        ("GET", "/v1/audit?agent=a%00"),
+        ("POST", "/v1/approvals/apr_%00/approve"),
+        ("GET", "/v1/capabilities/test%00echo"),
+        ("DELETE", "/v1/agents/a%00"),
+    ],
+)
+def test_a_nul_in_the_path_or_query_is_a_client_mistake(
+    rb: RunningBroker, method: str, path: str
+) -> None:
+    """PostgreSQL refuses a NUL in text: the driver's DataError became 503
+    storage_unavailable, blaming the broker for the client's request."""
+    r = rb.http(rb.admin_token).request(method, path)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "invalid_request"
+    assert [e["reason"] for e in rb.audit(kind="admin.rejected")] == ["invalid_request"]
