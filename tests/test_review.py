@@ -12,13 +12,14 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from broker.demo import ServerThread
 from broker.devserver import DevVault
 from tests import test_breaker as brk
 from tests.support.brokers import RunningBroker, start_broker
 from tests.support.upstreams import RunningUpstream
 from tests.test_idempotency import cap
 from tests.test_invoke import SECRET, echo_manifest
-from tests.test_jobs import wait_for
+from tests.test_jobs import GateUpstream, invoke_async, wait_for
 
 
 @pytest.fixture
@@ -176,3 +177,45 @@ def test_a_nul_in_the_path_or_query_is_a_client_mistake(
     assert r.status_code == 400, r.text
     assert r.json()["error"]["code"] == "invalid_request"
     assert [e["reason"] for e in rb.audit(kind="admin.rejected")] == ["invalid_request"]
+
+
+@pytest.fixture
+def held() -> Iterator[tuple[str, GateUpstream]]:
+    """An upstream that holds requests until its gate opens (test_jobs.GateUpstream)."""
+    app = GateUpstream()
+    with ServerThread(app) as server:
+        yield server.url, app
+        app.gate.set()
+
+
+def test_a_requeued_job_after_a_restart_leaves_no_budget_held(
+    openbao: DevVault, database_url: str, tmp_path: Path, held: tuple[str, GateUpstream]
+) -> None:
+    """An idempotent paid job interrupted by a stop is run again at the next start, and the
+    hold of the interrupted run is settled. The workers started before the reservations a
+    stop left were recovered: a re-run could reserve first (its reservation row, keyed by the
+    same call id, was then not written) and recovery took the old row, so the re-run's hold
+    was never settled and ``reserved`` stayed up for good."""
+    data, gate = tmp_path / "data", held
+    rb = start_broker(openbao, database_url, data)
+    try:
+        rb.secret("tests/echo", {"token": SECRET})
+        paid = echo_manifest(gate[0], "test.paid")
+        paid.update(idempotent=True, limits={"cost": 1})
+        rb.admin.put_capability(paid)
+        rb.admin.add_policy("role:tester", "test.*")
+        token = rb.agent("alice", ["tester"])
+        rb.admin.set_budget(2, "day", agent="alice")
+        body = invoke_async(rb, token, "test.paid", "twice")
+        wait_for(lambda: gate[1].count("twice") == 1, "the job to reach the upstream")
+        rb.broker.deferred.stop_grace = 0.1  # leave the job running at shutdown
+    finally:
+        rb.close()
+    gate[1].gate.set()
+    rb = start_broker(openbao, database_url, data)
+    try:
+        assert rb.sdk(token).wait_call(body["call_id"])["state"] == "succeeded"
+        wait_for(lambda: rb.admin.get_budget(agent="alice")["reserved"] == 0, "no hold left")
+        assert rb.admin.get_budget(agent="alice")["spent"] == 2  # each run may have acted
+    finally:
+        rb.close()
