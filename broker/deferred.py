@@ -156,6 +156,14 @@ class Deferred:
             raise _REFUSED_APPROVAL[found.status](f"approval {approval_id} is {found.status}")
         return Accepted(found.call_id, "approval_pending", None, None, approval_id=found.id)
 
+    async def accepted(self, call_id: str) -> Accepted | None:
+        """The 202 a stored call was answered with; None if no call of that id is stored."""
+        stored = await self.store.get_call(call_id)
+        if stored is None:
+            return None
+        status = "approval_pending" if stored.approval_id else "queued"
+        return Accepted(call_id, status, None, None, approval_id=stored.approval_id)
+
     # -- approvals: list and decide ----------------------------------------------------------
 
     async def expire_due(self) -> None:

@@ -601,10 +601,15 @@ class Broker:
             log.error("call %s: idempotency key not settled (%s)", call.call_id, exc.code)
 
     async def _resolve_dangling_keys(self) -> None:
-        """Keys a crash left in flight: released if the call never started, else kept with
-        ``outcome_unknown`` (whether the upstream acted cannot be known)."""
+        """Keys a crash left in flight: a deferred call's keeps its 202; else released if the
+        call never started, or kept with ``outcome_unknown`` (whether the upstream acted
+        cannot be known)."""
         for claim in await self.idempotency.dangling():
             call_id = claim.answer.call_id if claim.answer else ""
+            accepted = await self.deferred.accepted(call_id)
+            if accepted is not None:  # stored to run later: its 202 was (and stays) the answer
+                await self.idempotency.complete(claim, accepted.http_status, accepted.to_dict())
+                continue
             found, _ = await self.audit.query(
                 AuditQuery(call_id=call_id, kind="call.started", limit=1)
             )

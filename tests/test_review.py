@@ -11,6 +11,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+import sqlalchemy as sa
 
 from broker.demo import ServerThread
 from broker.devserver import DevVault
@@ -20,6 +21,8 @@ from tests.support.upstreams import RunningUpstream
 from tests.test_idempotency import cap
 from tests.test_invoke import SECRET, echo_manifest
 from tests.test_jobs import GateUpstream, invoke_async, wait_for
+
+URL = "/v1/capabilities/test.echo/invoke"
 
 
 @pytest.fixture
@@ -217,5 +220,61 @@ def test_a_requeued_job_after_a_restart_leaves_no_budget_held(
         assert rb.sdk(token).wait_call(body["call_id"])["state"] == "succeeded"
         wait_for(lambda: rb.admin.get_budget(agent="alice")["reserved"] == 0, "no hold left")
         assert rb.admin.get_budget(agent="alice")["spent"] == 2  # each run may have acted
+    finally:
+        rb.close()
+
+
+def _refuse_key_updates(url: str, on: bool) -> None:
+    """A real database refusing one statement: UPDATEs of idempotency keys fail (a trigger)."""
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        if engine.dialect.name == "sqlite":
+            conn.exec_driver_sql("DROP TRIGGER IF EXISTS no_key_update")
+            if on:
+                conn.exec_driver_sql(
+                    "CREATE TRIGGER no_key_update BEFORE UPDATE ON idempotency_keys "
+                    "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+                )
+        else:
+            conn.exec_driver_sql("DROP TRIGGER IF EXISTS no_key_update ON idempotency_keys")
+            if on:
+                conn.exec_driver_sql(
+                    "CREATE OR REPLACE FUNCTION refuse() RETURNS trigger AS $$ BEGIN "
+                    "RAISE EXCEPTION 'refused by the test'; END $$ LANGUAGE plpgsql"
+                )
+                conn.exec_driver_sql(
+                    "CREATE TRIGGER no_key_update BEFORE UPDATE ON idempotency_keys "
+                    "FOR EACH ROW EXECUTE FUNCTION refuse()"
+                )
+    engine.dispose()
+
+
+def test_a_deferred_call_whose_key_was_left_in_flight_is_not_accepted_twice(
+    openbao: DevVault, database_url: str, tmp_path: Path, upstream: RunningUpstream
+) -> None:
+    """A job is stored, but its Idempotency-Key cannot be completed (left in flight for the
+    next start to resolve). At the next start the key was released, because the call had no
+    ``call.started``; a retry with the key then queued a second job: the call ran twice."""
+    data = tmp_path / "data"
+    rb = start_broker(openbao, database_url, data, job_workers=0)
+    try:
+        rb.secret("tests/echo", {"token": SECRET})
+        rb.admin.put_capability(echo_manifest(upstream.url))
+        rb.admin.add_policy("role:tester", "test.*")
+        token = rb.agent("alice", ["tester"])
+        url = rb.settings.resolved_database_url()
+        _refuse_key_updates(url, True)
+        headers = {"Prefer": "respond-async", "Idempotency-Key": "once"}
+        first = rb.http(token).post(URL, json={"args": {"message": "one"}}, headers=headers)
+        assert first.status_code == 202, first.text
+    finally:
+        rb.close()
+        _refuse_key_updates(url, False)
+    rb = start_broker(openbao, database_url, data, job_workers=0)
+    try:
+        again = rb.http(token).post(URL, json={"args": {"message": "one"}}, headers=headers)
+        assert again.status_code == 202, again.text
+        assert again.json()["call_id"] == first.json()["call_id"]
+        assert again.headers["idempotent-replayed"] == "true"
     finally:
         rb.close()
