@@ -16,7 +16,8 @@ synchronous invoke (``call.started`` durable first, secrets, upstream, redaction
 ``call.finished``), after checking again that the agent is enabled, the capability unchanged
 and the policy still allows it. ``GET /v1/calls/{id}`` shows the state and, once ended, the
 body a synchronous invoke would have answered. At start, calls this instance was running when
-it died are run again if the capability is idempotent, else ended ``outcome_unknown``.
+it died are run again if the capability is idempotent or the call had not started yet, else
+ended ``outcome_unknown``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,14 @@ from typing import Any, NoReturn
 from broker import errors
 from broker.capabilities import Capability
 from broker.errors import BrokerError
-from broker.ports import ApprovalRecord, AuditEvent, CallStore, Principal, StoredCall
+from broker.ports import (
+    ApprovalRecord,
+    AuditEvent,
+    AuditQuery,
+    CallStore,
+    Principal,
+    StoredCall,
+)
 from broker.service import Accepted, Broker, Call, InvokeRequest, InvokeResult
 
 log = logging.getLogger("broker.deferred")
@@ -271,7 +279,11 @@ class Deferred:
     async def recover(self) -> None:
         for job in await self.store.running(self.runner):
             cap = await self.b.registry.get(job.capability)
-            if cap is not None and cap.idempotent:
+            # Without call.started on record nothing was sent (invariant 1): run it again.
+            started, _ = await self.b.audit.query(
+                AuditQuery(call_id=job.call_id, kind="call.started", limit=1)
+            )
+            if not started or (cap is not None and cap.idempotent):
                 await self.store.transition(job.call_id, ("running",), "queued")
                 reason = "requeued"
             else:

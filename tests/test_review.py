@@ -278,3 +278,55 @@ def test_a_deferred_call_whose_key_was_left_in_flight_is_not_accepted_twice(
         assert again.headers["idempotent-replayed"] == "true"
     finally:
         rb.close()
+
+
+def test_a_job_stopped_before_it_started_runs_after_the_restart(
+    openbao: DevVault, database_url: str, tmp_path: Path, upstream: RunningUpstream
+) -> None:
+    """A job claimed by a worker but stopped before ``call.started`` (here: waiting for its
+    budget hold) never ran. It used to be ended ``outcome_unknown`` at the next start (its
+    capability is not idempotent) and was never run; jobs not started are resumed."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("holds the job with a PostgreSQL table lock")
+    data = tmp_path / "data"
+    rb = start_broker(openbao, database_url, data, job_workers=1)
+    rb.secret("tests/echo", {"token": SECRET})
+    paid = echo_manifest(upstream.url, "test.paid")
+    paid["limits"] = {"cost": 1}
+    rb.admin.put_capability(paid)
+    rb.admin.add_policy("role:tester", "test.*")
+    token = rb.agent("alice", ["tester"])
+    rb.admin.set_budget(10, "day", agent="alice")
+    engine = sa.create_engine(database_url)
+    lock = engine.connect()
+    lock.exec_driver_sql("LOCK TABLE budget_usage IN EXCLUSIVE MODE")  # the hold must wait
+    try:
+        body = invoke_async(rb, token, "test.paid", "not-yet")
+        wait_for(lambda: rb.sdk(token).get_call(body["call_id"])["state"] == "running", "a worker")
+        rb.broker.deferred.stop_grace = 0.1
+        with ThreadPoolExecutor(1) as pool:
+            closing = pool.submit(rb.close)  # waits for the held thread once the job is cancelled
+            wait_for(lambda: not rb.broker.deferred._jobs, "the job to be cancelled")
+            lock.rollback()
+            closing.result()
+    finally:
+        lock.close()
+        engine.dispose()
+    assert not any(e["kind"] == "call.started" for e in _audit_rows(database_url, body["call_id"]))
+    rb = start_broker(openbao, database_url, data)
+    try:
+        done = rb.sdk(token).wait_call(body["call_id"])
+        assert done["state"] == "succeeded", done
+        assert brk.sent(upstream, "/echo") == 1
+    finally:
+        rb.close()
+
+
+def _audit_rows(url: str, call_id: str) -> list[dict[str, object]]:
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql(
+            "SELECT kind FROM audit_events WHERE call_id = %(c)s", {"c": call_id}
+        ).all()
+    engine.dispose()
+    return [dict(r._mapping) for r in rows]
