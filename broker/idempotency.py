@@ -9,7 +9,8 @@ Semantics follow the IETF "The Idempotency-Key HTTP Header Field" draft and Stri
 - a repeat while that call runs is refused (409), a repeat with other arguments is refused
   (422), a repeat after it ended replays the stored answer (success or upstream error);
 - a call refused before anything was executed releases the key (nothing is stored);
-- rows expire after the retention period (a setting) and are then forgotten.
+- rows of ended calls expire after the retention period (a setting) and are then forgotten;
+  a row in flight never expires while its call runs.
 
 A broker killed mid-call leaves its claims ``in_flight``; at start the owning instance
 (``owner`` = its audit chain id) resolves them: released when the call never started, else
@@ -44,7 +45,9 @@ class SqlIdempotencyStore:
         where = self._where(agent_id, capability, key)
         t = db.idempotency_keys
         with self._engine.begin() as conn:
-            conn.execute(delete(t).where(where, t.c.expires_at < _stamp(now)))
+            # Only an ended call's key expires: one in flight still guards its running call
+            # (a crash's are resolved at start), however long the call outlives the retention.
+            conn.execute(delete(t).where(where, t.c.state == "done", t.c.expires_at < _stamp(now)))
         try:
             with self._engine.begin() as conn:
                 conn.execute(

@@ -5,6 +5,7 @@ tasks, approvals and capability changes. Real broker, OpenBao, upstreams; SQLite
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -330,3 +331,32 @@ def _audit_rows(url: str, call_id: str) -> list[dict[str, object]]:
         ).all()
     engine.dispose()
     return [dict(r._mapping) for r in rows]
+
+
+def test_a_key_in_flight_does_not_expire_under_a_running_call(
+    openbao: DevVault, database_url: str, tmp_path: Path, held: tuple[str, GateUpstream]
+) -> None:
+    """Retention counts from the claim, and expired rows were deleted whatever their state:
+    a call running longer than the retention lost its key, a repeat executed a second time
+    beside it, and the first call's answer then overwrote the second's."""
+    rb = start_broker(openbao, database_url, tmp_path / "data", idempotency_retention=0.5)
+    try:
+        rb.secret("tests/echo", {"token": SECRET})
+        rb.admin.put_capability(echo_manifest(held[0], "test.gate"))
+        rb.admin.add_policy("role:tester", "test.*")
+        http = rb.http(rb.agent("alice", ["tester"]))
+        call = {"json": {"args": {"message": "slow"}}, "headers": {"Idempotency-Key": "k"}}
+        token = http.headers["authorization"].split()[1]
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(http.post, "/v1/capabilities/test.gate/invoke", **call)
+            wait_for(lambda: held[1].count("slow") == 1, "the first call upstream")
+            time.sleep(1.0)  # past the retention while the first call still runs
+            second = pool.submit(rb.http(token).post, "/v1/capabilities/test.gate/invoke", **call)
+            wait_for(lambda: second.done() or held[1].count("slow") == 2, "the repeat")
+            held[1].gate.set()
+            assert first.result().status_code == 200
+            again = second.result()
+        assert again.status_code == 409, again.text
+        assert held[1].count("slow") == 1
+    finally:
+        rb.close()
