@@ -149,6 +149,14 @@ class BodyLimit:
             # The hot path: every agent call, answered without FastAPI's routing.
             await serve_invoke(self.broker, invoke[1], headers, body, send)
             return
+        if "\x00" in scope["path"] or b"%00" in scope.get("query_string", b""):
+            # No id or name holds a NUL, and PostgreSQL refuses one in text (a 503 otherwise).
+            nul = errors.InvalidRequest("the path or query holds a NUL character")
+            await audit_rejection(
+                self.broker, scope["path"], bearer(headers.get("authorization")), nul
+            )
+            await render_error(nul)(scope, receive, send)
+            return
         sent = False
 
         async def replay() -> Message:

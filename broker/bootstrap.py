@@ -104,8 +104,10 @@ def build_broker(settings: Settings, *, tracer: Tracer | None = None) -> Broker:
         runner=settings.audit_chain_id,  # one per instance: it settles only its own jobs
     )
     broker.on_start.append(lambda: _start(broker, settings))
-    broker.on_start.append(broker.deferred.start)  # after the policy is loaded
+    # Holds a crash or stop left are settled before any worker runs: a requeued job reserves
+    # again under the same call id, and its new hold must not be taken for the old one.
     broker.on_start.append(lambda: recover_reservations(budgets, broker.audit))
+    broker.on_start.append(broker.deferred.start)  # after the policy is loaded
     broker.on_close.append(lambda: asyncio.to_thread(engine.dispose))
     if owned is not None:
         broker.on_close.append(lambda: asyncio.to_thread(owned.close))  # flushes batched spans

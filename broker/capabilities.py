@@ -53,6 +53,11 @@ def parse_duration(value: str | float | int) -> float:
     return number / 1000 if unit == "ms" else number * 60 if unit == "m" else number
 
 
+def is_name(value: str) -> bool:
+    """Whether ``value`` can name a capability (at most 128 characters, the audit column)."""
+    return len(value) <= 128 and NAME_RE.fullmatch(value) is not None
+
+
 def slots_in(template: str) -> list[str]:
     """The slot expressions of a template string, e.g. ['args.owner', 'secrets.gh']."""
     return SLOT_RE.findall(template)
@@ -227,7 +232,7 @@ class Capability(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if len(v) > 128 or not NAME_RE.match(v):
+        if not is_name(v):
             raise ValueError("name must be dotted lowercase words, e.g. github.issues.create")
         return v
 

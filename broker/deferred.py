@@ -16,7 +16,8 @@ synchronous invoke (``call.started`` durable first, secrets, upstream, redaction
 ``call.finished``), after checking again that the agent is enabled, the capability unchanged
 and the policy still allows it. ``GET /v1/calls/{id}`` shows the state and, once ended, the
 body a synchronous invoke would have answered. At start, calls this instance was running when
-it died are run again if the capability is idempotent, else ended ``outcome_unknown``.
+it died are run again if the capability is idempotent or the call had not started yet, else
+ended ``outcome_unknown``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,14 @@ from typing import Any, NoReturn
 from broker import errors
 from broker.capabilities import Capability
 from broker.errors import BrokerError
-from broker.ports import ApprovalRecord, AuditEvent, CallStore, Principal, StoredCall
+from broker.ports import (
+    ApprovalRecord,
+    AuditEvent,
+    AuditQuery,
+    CallStore,
+    Principal,
+    StoredCall,
+)
 from broker.service import Accepted, Broker, Call, InvokeRequest, InvokeResult
 
 log = logging.getLogger("broker.deferred")
@@ -157,6 +165,14 @@ class Deferred:
             raise _REFUSED_APPROVAL[found.status](f"approval {approval_id} is {found.status}")
         return Accepted(found.call_id, "approval_pending", None, None, approval_id=found.id)
 
+    async def accepted(self, call_id: str) -> Accepted | None:
+        """The 202 a stored call was answered with; None if no call of that id is stored."""
+        stored = await self.store.get_call(call_id)
+        if stored is None:
+            return None
+        status = "approval_pending" if stored.approval_id else "queued"
+        return Accepted(call_id, status, None, None, approval_id=stored.approval_id)
+
     # -- approvals: list and decide ----------------------------------------------------------
 
     async def expire_due(self) -> None:
@@ -175,7 +191,11 @@ class Deferred:
         for a in await self.store.list_approvals(status, 500):
             call = await self.store.get_call(a.call_id)
             cap = await self.b.registry.get(a.capability)
-            args = _masked(call.args, cap) if call else None
+            # Which values are sensitive is known only from the manifest the call was made
+            # for; a deleted or replaced one cannot say (and the call can no longer run).
+            args = None
+            if call is not None and cap is not None and cap.version == call.capability_version:
+                args = _masked(call.args, cap)
             out.append({**approval_view(a), "args": args})
         return out
 
@@ -260,7 +280,11 @@ class Deferred:
     async def recover(self) -> None:
         for job in await self.store.running(self.runner):
             cap = await self.b.registry.get(job.capability)
-            if cap is not None and cap.idempotent:
+            # Without call.started on record nothing was sent (invariant 1): run it again.
+            started, _ = await self.b.audit.query(
+                AuditQuery(call_id=job.call_id, kind="call.started", limit=1)
+            )
+            if not started or (cap is not None and cap.idempotent):
                 await self.store.transition(job.call_id, ("running",), "queued")
                 reason = "requeued"
             else:
@@ -311,7 +335,9 @@ class Deferred:
             token=None, capability=job.capability, body=b"", task_id=job.task_id,
             idempotency_key=job.idempotency_key, trace_id=job.trace_id,
         )  # fmt: skip
-        call = Call(call_id=job.call_id, request=request, args=job.args, trace_id=job.trace_id)
+        # The task and the key go on every record of the job, as on a synchronous call's.
+        call = Call(call_id=job.call_id, request=request, args=job.args, trace_id=job.trace_id,
+                    task_id=job.task_id, key=job.idempotency_key)  # fmt: skip
         started = time.perf_counter()
         try:
             await self._attempt(call, job)
@@ -411,7 +437,7 @@ def _stored(call: Call, state: str, approval_id: str | None = None) -> StoredCal
         call_id=call.call_id, agent_id=call.principal.agent_id, capability=call.cap.name,
         capability_version=call.cap.version, args=call.args, args_hash=args_hash(call.args),
         state=state, task_id=req.task_id, trace_id=call.trace_id or req.trace_id,
-        idempotency_key=req.idempotency_key, approval_id=approval_id,
+        idempotency_key=call.key, approval_id=approval_id,  # the parsed key, not the header
         user_id=call.principal.user_id,
     )  # fmt: skip
 

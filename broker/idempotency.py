@@ -9,7 +9,8 @@ Semantics follow the IETF "The Idempotency-Key HTTP Header Field" draft and Stri
 - a repeat while that call runs is refused (409), a repeat with other arguments is refused
   (422), a repeat after it ended replays the stored answer (success or upstream error);
 - a call refused before anything was executed releases the key (nothing is stored);
-- rows expire after the retention period (a setting) and are then forgotten.
+- rows of ended calls expire after the retention period (a setting) and are then forgotten;
+  a row in flight does not expire while its call can still be running (``STALE_AFTER``).
 
 A broker killed mid-call leaves its claims ``in_flight``; at start the owning instance
 (``owner`` = its audit chain id) resolves them: released when the call never started, else
@@ -22,11 +23,13 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, delete, insert, select, update
+from sqlalchemy import Engine, and_, delete, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from broker import db, errors
 from broker.ports import Claim, StoredAnswer
+
+STALE_AFTER = timedelta(hours=1)  # a call's deadline is at most 300 s; this is far beyond it
 
 
 class SqlIdempotencyStore:
@@ -44,7 +47,11 @@ class SqlIdempotencyStore:
         where = self._where(agent_id, capability, key)
         t = db.idempotency_keys
         with self._engine.begin() as conn:
-            conn.execute(delete(t).where(where, t.c.expires_at < _stamp(now)))
+            # A key in flight still guards its running call, however long that outlives the
+            # retention; only one older than any call's deadline (an instance that never came
+            # back to resolve it) expires like an ended call's.
+            ended_or_stale = or_(t.c.state == "done", t.c.created_at < _stamp(now - STALE_AFTER))
+            conn.execute(delete(t).where(where, ended_or_stale, t.c.expires_at < _stamp(now)))
         try:
             with self._engine.begin() as conn:
                 conn.execute(

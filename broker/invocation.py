@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 
+from broker.capabilities import is_name
 from broker.errors import BrokerError
 from broker.ports import AuditEvent
 from broker.service import Broker, InvokeRequest, InvokeResult
@@ -115,7 +116,9 @@ async def audit_rejection(broker: Broker, path: str, token: str | None, exc: Bro
         except BrokerError:
             agent_id = None
     kind = "call.rejected" if path.endswith("/invoke") else "admin.rejected"
-    capability = path.split("/")[3] if kind == "call.rejected" else None
+    parts = path.split("/")  # /v1/capabilities/{name}/invoke; any other path may end so too
+    name = parts[3] if kind == "call.rejected" and len(parts) > 4 else ""
+    capability = name if is_name(name) else None  # only a possible name fits the audit column
     event = AuditEvent(
         kind=kind,
         agent_id=agent_id,

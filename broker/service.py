@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from broker import errors, retries
-from broker.capabilities import Capability, slots_in
+from broker.capabilities import Capability, is_name, slots_in
 from broker.errors import BrokerError
 from broker.onbehalf import OnBehalf
 from broker.ports import (
@@ -139,16 +139,20 @@ class Call:
     approval_rule: str | None = None  # the policy rule that makes this call wait for approval
     trace_id: str | None = None  # the trace of this call (the caller's or the broker's own)
     attempts: int = 0  # requests sent upstream (more than 1 only for idempotent capabilities)
+    reached: bool = False  # an attempt may have reached the upstream (it was not refused first)
     hold: BudgetHold | None = None  # budgets held from the reservation until settled
     cost: float | None = None  # what the call was charged (None: nothing ran)
 
     def event(self, kind: str, **fields: Any) -> AuditEvent:
         cap = self.cap
+        # A name from the path that no capability can have stays out of the bounded column
+        # (on PostgreSQL it would fail the record, and every other record of its batch).
+        asked = self.request.capability if is_name(self.request.capability) else None
         return AuditEvent(
             kind=kind,
             call_id=self.call_id,
             agent_id=self.principal.agent_id if self.principal else None,
-            capability=cap.name if cap else self.request.capability,
+            capability=cap.name if cap else asked,
             capability_version=cap.version if cap else None,
             rule=self.rule,
             task_id=self.task_id,
@@ -343,7 +347,8 @@ class Broker:
             if user is not None:
                 call.principal = replace(call.principal, user_id=user.id)
         with self._stage("decide") as span:
-            call.cap = await self.registry.get(req.capability)
+            # A name no capability can have is not looked up (a NUL is a storage error).
+            call.cap = await self.registry.get(req.capability) if is_name(req.capability) else None
             if call.cap is None:
                 raise errors.CapabilityNotFound(f"no capability named {req.capability!r}")
             span.set(capability=call.cap.name, capability_version=call.cap.version)
@@ -482,7 +487,8 @@ class Broker:
             err.call_id = call.call_id
             err.message = redactor.redact_text(err.message)
             # Refunded when the request surely never left; else the upstream may have acted.
-            unsent = not call.sent or isinstance(err, NOT_SENT)
+            # A retry the breaker refuses is NOT_SENT, but an earlier attempt may have acted.
+            unsent = not call.reached
             charge = None if unsent else cap.limits.reservation()
             await self._settle(call, charge)
             await self._finish(
@@ -601,10 +607,15 @@ class Broker:
             log.error("call %s: idempotency key not settled (%s)", call.call_id, exc.code)
 
     async def _resolve_dangling_keys(self) -> None:
-        """Keys a crash left in flight: released if the call never started, else kept with
-        ``outcome_unknown`` (whether the upstream acted cannot be known)."""
+        """Keys a crash left in flight: a deferred call's keeps its 202; else released if the
+        call never started, or kept with ``outcome_unknown`` (whether the upstream acted
+        cannot be known)."""
         for claim in await self.idempotency.dangling():
             call_id = claim.answer.call_id if claim.answer else ""
+            accepted = await self.deferred.accepted(call_id)
+            if accepted is not None:  # stored to run later: its 202 was (and stays) the answer
+                await self.idempotency.complete(claim, accepted.http_status, accepted.to_dict())
+                continue
             found, _ = await self.audit.query(
                 AuditQuery(call_id=call_id, kind="call.started", limit=1)
             )
@@ -626,9 +637,15 @@ class Broker:
 
         async def attempt(seconds_left: float) -> UpstreamResponse:
             call.attempts += 1
-            return await self.upstream.send(
-                request, timeout=seconds_left, max_bytes=min(limit, self.max_response_bytes)
-            )
+            try:
+                response = await self.upstream.send(
+                    request, timeout=seconds_left, max_bytes=min(limit, self.max_response_bytes)
+                )
+            except BaseException as exc:
+                call.reached = call.reached or not isinstance(exc, NOT_SENT)
+                raise
+            call.reached = True
+            return response
 
         return await retries.send(
             attempt,
