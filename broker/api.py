@@ -65,6 +65,9 @@ def create_app(broker: Broker, *, max_request_bytes: int = 1_048_576) -> FastAPI
             await broker.close()
 
     app = FastAPI(title="capbroker", version="1", lifespan=lifespan, responses=ERROR_RESPONSES)
+    # No 307 to the slashless path: a redirect would carry no error envelope, and its Location
+    # would be built from the client's Host header.
+    app.router.redirect_slashes = False
     _install_error_handlers(app, broker)
     app.add_middleware(BodyLimit, broker=broker, limit=max_request_bytes)
     _health_routes(app, broker)
@@ -121,6 +124,10 @@ def _install_error_handlers(app: FastAPI, broker: Broker) -> None:
     app.add_exception_handler(Exception, on_unexpected)
 
 
+class _ClientGone(Exception):
+    """The client disconnected before it finished sending the request body."""
+
+
 class BodyLimit:
     """Refuse request bodies over ``limit`` bytes, by Content-Length and by bytes streamed.
 
@@ -136,7 +143,10 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        body = await self._read(headers, receive)
+        try:
+            body = await self._read(headers, receive)
+        except _ClientGone:
+            return  # the client left before its body was complete: nothing to run or answer
         if body is None:
             exc = errors.RequestTooLarge(f"the request body exceeds {self.limit} bytes")
             await audit_rejection(
@@ -177,7 +187,8 @@ class BodyLimit:
         while more:
             message = await receive()
             if message["type"] != "http.request":
-                break
+                # A partial body must never be taken for the whole request.
+                raise _ClientGone
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.limit:

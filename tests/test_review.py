@@ -364,3 +364,41 @@ def test_a_key_in_flight_does_not_expire_under_a_running_call(
         assert held[1].count("slow") == 1
     finally:
         rb.close()
+
+
+def test_a_body_cut_off_by_a_disconnect_is_never_run(
+    running_broker: RunningBroker, upstream: RunningUpstream
+) -> None:
+    """A client that sends a whole JSON document as the first chunk of a chunked body and then
+    goes away has not sent a request: the broker runs nothing."""
+    rb = running_broker
+    rb.secret("tests/echo", {"token": SECRET})
+    rb.admin.put_capability(echo_manifest(upstream.url))
+    rb.admin.add_policy("role:tester", "test.*")
+    token = rb.agent("alice", ["tester"])
+    where = urlsplit(rb.url)
+    chunk = b'{"args": {"message": "partial"}}'
+    head = (
+        b"POST /v1/capabilities/test.echo/invoke HTTP/1.1\r\nHost: x\r\n"
+        b"Authorization: Bearer " + token.encode() + b"\r\n"
+        b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    with socket.create_connection((where.hostname, where.port)) as sock:
+        sock.sendall(head + b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+        time.sleep(0.3)  # the broker has the chunk and waits for the rest
+    time.sleep(0.5)
+    assert upstream.requests == []
+    assert [e for e in rb.audit() if e["kind"] == "call.started"] == []
+    # The same body, sent whole, does run (the test's request is well formed).
+    r = rb.http(token).post("/v1/capabilities/test.echo/invoke", content=chunk,
+                            headers={"Content-Type": "application/json"})  # fmt: skip
+    assert r.status_code == 200, r.text
+
+
+def test_a_trailing_slash_is_a_404_envelope_not_a_redirect(running_broker: RunningBroker) -> None:
+    r = running_broker.http(running_broker.admin_token).post(
+        "/v1/capabilities/test.echo/invoke/", json={"args": {}}, headers={"Host": "evil.example"}
+    )
+    assert r.status_code == 404
+    assert r.json()["error"]["code"] == "not_found"
+    assert "location" not in r.headers
