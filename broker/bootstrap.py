@@ -14,6 +14,7 @@ from broker.breaker import CircuitBreakers
 from broker.budgets import SqlBudgets, recover_reservations
 from broker.capabilities import load_manifest_files, parse_manifest
 from broker.config import Settings
+from broker.db import dispose as db_dispose
 from broker.db import make_engine, migrate
 from broker.deferred import Deferred
 from broker.delegations import SqlDelegationStore
@@ -108,7 +109,7 @@ def build_broker(settings: Settings, *, tracer: Tracer | None = None) -> Broker:
     # again under the same call id, and its new hold must not be taken for the old one.
     broker.on_start.append(lambda: recover_reservations(budgets, broker.audit))
     broker.on_start.append(broker.deferred.start)  # after the policy is loaded
-    broker.on_close.append(lambda: asyncio.to_thread(engine.dispose))
+    broker.on_close.append(lambda: asyncio.to_thread(db_dispose, engine))
     if owned is not None:
         broker.on_close.append(lambda: asyncio.to_thread(owned.close))  # flushes batched spans
     return broker

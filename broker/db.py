@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import weakref
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -275,8 +276,33 @@ def utcnow() -> str:
 dumps = json.JSONEncoder(separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode
 
 
+_closed: weakref.WeakKeyDictionary[Engine, bool] = weakref.WeakKeyDictionary()
+
+
+def dispose(engine: Engine) -> None:
+    """Close the engine's pool. A connection still out in a storage thread (a call cancelled at
+    shutdown) is closed when that thread gives it back, instead of being left to the garbage
+    collector unclosed."""
+    _closed[engine] = True
+    engine.dispose()
+
+
+def _close_late_checkins(engine: Engine) -> None:
+    def on_checkin(dbapi_conn: Any, _record: Any) -> None:
+        if dbapi_conn is not None and _closed.get(engine):
+            dbapi_conn.close()
+
+    event.listen(engine, "checkin", on_checkin)
+
+
 def make_engine(url: str, *, busy_timeout: float = 5.0) -> Engine:
     """An engine with the durability settings the broker relies on."""
+    engine = _make_engine(url, busy_timeout)
+    _close_late_checkins(engine)
+    return engine
+
+
+def _make_engine(url: str, busy_timeout: float) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":

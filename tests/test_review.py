@@ -406,3 +406,21 @@ def test_a_trailing_slash_is_a_404_envelope_not_a_redirect(running_broker: Runni
     assert r.status_code == 404
     assert r.json()["error"]["code"] == "not_found"
     assert "location" not in r.headers
+
+
+def test_a_connection_given_back_after_dispose_is_closed(tmp_path: Path) -> None:
+    """A storage thread that outlives the broker's close gives its connection back to a
+    disposed pool: it is closed then, not left to the garbage collector (a ResourceWarning,
+    reported as an error of whichever test runs at that moment)."""
+    import sqlite3
+
+    from broker import db
+
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'x.db'}")
+    conn = engine.connect()
+    raw = conn.connection.dbapi_connection
+    assert raw is not None
+    db.dispose(engine)
+    conn.close()
+    with pytest.raises(sqlite3.ProgrammingError):
+        raw.execute("SELECT 1")
