@@ -34,7 +34,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from broker import db
 from broker.errors import BudgetExhausted
 from broker.models import BudgetPeriod
-from broker.ports import AuditLog, AuditQuery, BudgetHold, BudgetView
+from broker.ports import AuditLog, AuditQuery, BudgetHold, BudgetView, stamp
 
 log = logging.getLogger("broker.budgets")
 
@@ -48,11 +48,6 @@ Clock = Callable[[], datetime]
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-def stamp(when: datetime) -> str:
-    """The fixed-width text form of db.utcnow(), for any instant."""
-    return when.astimezone(UTC).isoformat(timespec="microseconds")[:26] + "Z"
 
 
 def period_start(period: str, now: datetime) -> datetime:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import json
 import logging
 import time
@@ -44,8 +43,9 @@ from broker.ports import (
     CallStore,
     Principal,
     StoredCall,
+    stamp,
 )
-from broker.service import Accepted, Broker, Call, InvokeRequest, InvokeResult
+from broker.service import Accepted, Broker, Call, InvokeRequest, InvokeResult, fingerprint
 
 log = logging.getLogger("broker.deferred")
 
@@ -64,17 +64,6 @@ _REFUSED_APPROVAL: dict[str, type[BrokerError]] = {
     "cancelled": errors.ApprovalDenied,
     "expired": errors.ApprovalExpired,
 }
-
-
-def args_hash(args: Any) -> str:
-    """SHA-256 of the canonical JSON of the arguments (sorted keys, no spaces, UTF-8)."""
-    text = json.dumps(args, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def stamp(moment: datetime) -> str:
-    """The timestamp form db.utcnow() writes, so stored times compare as text."""
-    return moment.astimezone(UTC).isoformat(timespec="microseconds")[:26] + "Z"
 
 
 class Deferred:
@@ -131,7 +120,7 @@ class Deferred:
         ))  # fmt: skip
         approval = ApprovalRecord(
             id=approval_id, call_id=call.call_id, agent_id=call.principal.agent_id,
-            capability=call.cap.name, args_hash=args_hash(call.args), status="pending",
+            capability=call.cap.name, args_hash=fingerprint(call.args), status="pending",
             created_at=stamp(datetime.now(UTC)), expires_at=expires,
         )  # fmt: skip
         await self.store.create(_stored(call, "approval_pending", approval_id), approval)
@@ -156,7 +145,7 @@ class Deferred:
         if (found.agent_id, found.capability, found.args_hash) != (
             call.principal.agent_id,
             call.cap.name,
-            args_hash(call.args),
+            fingerprint(call.args),
         ) or (held is not None and held.user_id != call.principal.user_id):
             raise errors.ApprovalMismatch(
                 f"approval {approval_id} was given for another agent, user, capability or arguments"
@@ -435,7 +424,7 @@ def _stored(call: Call, state: str, approval_id: str | None = None) -> StoredCal
     req = call.request
     return StoredCall(
         call_id=call.call_id, agent_id=call.principal.agent_id, capability=call.cap.name,
-        capability_version=call.cap.version, args=call.args, args_hash=args_hash(call.args),
+        capability_version=call.cap.version, args=call.args, args_hash=fingerprint(call.args),
         state=state, task_id=req.task_id, trace_id=call.trace_id or req.trace_id,
         idempotency_key=call.key, approval_id=approval_id,  # the parsed key, not the header
         user_id=call.principal.user_id,

@@ -27,7 +27,7 @@ from sqlalchemy import Engine, and_, delete, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from broker import db, errors
-from broker.ports import Claim, StoredAnswer
+from broker.ports import Claim, StoredAnswer, stamp
 
 STALE_AFTER = timedelta(hours=1)  # a call's deadline is at most 300 s; this is far beyond it
 
@@ -46,14 +46,16 @@ class SqlIdempotencyStore:
         now = datetime.now(UTC)
         where = self._where(agent_id, capability, key)
         t = db.idempotency_keys
-        with self._engine.begin() as conn:
-            # A key in flight still guards its running call, however long that outlives the
-            # retention; only one older than any call's deadline (an instance that never came
-            # back to resolve it) expires like an ended call's.
-            ended_or_stale = or_(t.c.state == "done", t.c.created_at < _stamp(now - STALE_AFTER))
-            conn.execute(delete(t).where(where, ended_or_stale, t.c.expires_at < _stamp(now)))
         try:
+            # One transaction (one commit) on the call path: forget this key if it expired,
+            # then claim it. A conflict rolls both back; the key was then live anyway.
             with self._engine.begin() as conn:
+                # A key in flight still guards its running call, however long that outlives
+                # the retention; only one older than any call's deadline (an instance that
+                # never came back to resolve it) expires like an ended call's.
+                stale = t.c.created_at < stamp(now - STALE_AFTER)
+                ended_or_stale = or_(t.c.state == "done", stale)
+                conn.execute(delete(t).where(where, ended_or_stale, t.c.expires_at < stamp(now)))
                 conn.execute(
                     insert(t).values(
                         agent_id=agent_id,
@@ -63,8 +65,8 @@ class SqlIdempotencyStore:
                         fingerprint=fp,
                         call_id=call_id,
                         state="in_flight",
-                        created_at=_stamp(now),
-                        expires_at=_stamp(now + self._retention),
+                        created_at=stamp(now),
+                        expires_at=stamp(now + self._retention),
                     )
                 )
             return Claim(agent_id, capability, key)
@@ -133,7 +135,3 @@ class SqlIdempotencyStore:
     def _where(agent_id: str, capability: str, key: str) -> Any:
         t = db.idempotency_keys
         return and_(t.c.agent_id == agent_id, t.c.capability == capability, t.c.key == key)
-
-
-def _stamp(moment: datetime) -> str:
-    return moment.isoformat(timespec="microseconds")[:26] + "Z"

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from broker.capabilities import Capability
@@ -289,6 +290,12 @@ class BudgetView:
             "reserved": self.reserved,
             "period_start": self.period_start,
         }
+
+
+def stamp(moment: datetime) -> str:
+    """The stored form of an instant: fixed-width ISO 8601 UTC text, the form ``db.utcnow()``
+    writes (``2026-11-26T11:21:09.551000Z``), so stored times compare as text."""
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")[:26] + "Z"
 
 
 # --- ports --------------------------------------------------------------------------------
