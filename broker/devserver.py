@@ -61,6 +61,19 @@ def find_bao(explicit: str | None = None) -> str:
     )
 
 
+def _all_stopped(tasks: Path) -> bool:
+    """Every thread under /proc/<pid>/task is in the stopped state (T)."""
+    for stat in tasks.glob("*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # a thread that ended meanwhile
+        # The state follows the command name, which is in parentheses and may hold spaces.
+        if text[text.rfind(")") + 2 : text.rfind(")") + 3] not in ("T", "t"):
+            return False
+    return True
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -163,9 +176,14 @@ class DevVault:
     # --- misbehaviour on purpose --------------------------------------------------------
 
     def pause(self) -> None:
-        """SIGSTOP the server: connections are accepted by the kernel but never answered."""
+        """SIGSTOP the server: connections are accepted by the kernel but never answered.
+
+        Returns once every thread of the server has stopped: kill() only queues the signal,
+        and until the thread it woke gets a CPU, another thread can still answer a request.
+        """
         self._signal(signal.SIGSTOP)
         self._paused = True
+        self._wait_stopped(time.monotonic() + _STOP_GRACE)
 
     def resume(self) -> None:
         """SIGCONT the server after pause()."""
@@ -272,6 +290,16 @@ class DevVault:
                 proc.kill()
         proc.wait()
         self._paused = False
+
+    def _wait_stopped(self, deadline: float) -> None:
+        tasks = Path(f"/proc/{self.pid}/task")
+        if not tasks.is_dir():  # not Linux: no way to look, so give the stop a moment
+            time.sleep(_POLL)
+            return
+        while not _all_stopped(tasks):
+            if time.monotonic() >= deadline:
+                raise DevVaultError("the dev server did not stop after SIGSTOP")
+            time.sleep(0.005)
 
     def _signal(self, sig: signal.Signals) -> None:
         if self._proc is None or self._proc.poll() is not None:
