@@ -207,11 +207,20 @@ def profile(
     options: argparse.Namespace, target: Target, concurrency: int
 ) -> subprocess.Popen[bytes] | None:
     """py-spy on the broker during its run at the highest concurrency (--profile FILE)."""
-    if not options.profile or target.pid is None or concurrency != max(options.concurrency):
+    if not options.profile or target.name != "broker" or concurrency != max(options.concurrency):
         return None
     command = ["py-spy", "record", "-p", str(target.pid), "-d", str(max(1, int(options.seconds)))]
     command += ["-f", "raw", "-r", "250", "-o", options.profile]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU of a process (all its threads) so far; 0 where /proc is missing."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(samples: list[float], p: float) -> float:
@@ -288,7 +297,7 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
                     invoke,
                 ),
             ]
-            targets[-1].pid = proc.pid
+            targets[0].pid, targets[1].pid, targets[-1].pid = procs[0].pid, procs[1].pid, proc.pid
             return asyncio.run(measure(targets, options, counter))
         finally:
             for p in procs:
@@ -302,6 +311,7 @@ async def measure(
 ) -> dict[str, Any]:
     samples: dict[tuple[str, int], list[float]] = {}
     rates: dict[tuple[str, int], list[float]] = {}
+    cpu: dict[tuple[str, int], float] = {}  # CPU seconds of the serving process
     errors: dict[str, int] = {t.name: 0 for t in targets}
     for t in targets:  # warm up: connections, caches, the broker's first secret read
         await drive(t, 4, 0.5)
@@ -310,7 +320,11 @@ async def measure(
         for concurrency in options.concurrency:
             for t in targets:
                 profiler = profile(options, t, concurrency)
+                before = cpu_seconds(t.pid)
                 lat, err = await drive(t, concurrency, options.seconds)
+                cpu[t.name, concurrency] = cpu.get((t.name, concurrency), 0.0) + (
+                    cpu_seconds(t.pid) - before
+                )
                 if profiler is not None:
                     profiler.wait(30)
                     options.profile = None  # one profile per run
@@ -327,6 +341,8 @@ async def measure(
                 "p50_ms": round(statistics.median(lat), 3),
                 "p99_ms": round(percentile(lat, 99), 3),
                 "calls_per_s": round(statistics.median(rates[(name, concurrency)]), 1),
+                # the serving process's CPU per call (the direct target's: the upstream's)
+                "cpu_us_per_call": round(cpu[name, concurrency] / max(1, len(lat)) * 1e6, 1),
             }
         )
     return {
@@ -371,11 +387,14 @@ def micro() -> dict[str, Any]:
 
 
 def print_table(result: dict[str, Any]) -> None:
-    print(f"{'target':8} {'conc':>5} {'calls':>7} {'p50 ms':>8} {'p99 ms':>8} {'calls/s':>9}")
+    print(
+        f"{'target':8} {'conc':>5} {'calls':>7} {'p50 ms':>8} {'p99 ms':>8} {'calls/s':>9}"
+        f" {'cpu us/call':>11}"
+    )
     for r in sorted(result["rows"], key=lambda r: (r["concurrency"], r["target"])):
         print(
             f"{r['target']:8} {r['concurrency']:5} {r['calls']:7} {r['p50_ms']:8.3f}"
-            f" {r['p99_ms']:8.3f} {r['calls_per_s']:9.1f}"
+            f" {r['p99_ms']:8.3f} {r['calls_per_s']:9.1f} {r['cpu_us_per_call']:11.1f}"
         )
     for key, value in result["summary"].items():
         print(f"{key:38} {value:8.3f}")

@@ -27,6 +27,7 @@ STAGES = ("authenticate", "decide", "secrets", "upstream", "audit", "total")
 DECISIONS = ("allow", "deny", "none")
 OUTCOMES = ("succeeded", "upstream_error", "failed", "refused", "approval_pending", "queued")
 CACHE_RESULTS = ("hit", "miss", "shared")
+CHILD_CACHE_SIZE = 4096
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
 NO_CAPABILITY = "(none)"
 OTHER = "other"
@@ -114,21 +115,27 @@ class PrometheusMetrics:
             registry=r,
         )
         # Known series exist from the start, so rates and absent-series alerts work at once.
-        for stage in STAGES:
-            self._stages.labels(stage)
+        # labels() costs a lock and a tuple hash per use; a call uses ~10: children are kept.
+        self._stage_of = {stage: self._stages.labels(stage) for stage in STAGES}
+        self._children: dict[tuple[Any, ...], Any] = {}
         for result in CACHE_RESULTS:
             self._cache.labels(result)
 
     def call(self, capability: str | None, decision: str, outcome: str, code: str) -> None:
-        self._calls.labels(
-            _match(capability, _CAPABILITY) if capability else NO_CAPABILITY,
-            _enum(decision, DECISIONS),
-            _enum(outcome, OUTCOMES),
-            _match(code, _CODE) if code else "",
-        ).inc()
+        key = ("call", capability, decision, outcome, code)
+        child = self._children.get(key)
+        if child is None:
+            child = self._keep(key, self._calls.labels(
+                _match(capability, _CAPABILITY) if capability else NO_CAPABILITY,
+                _enum(decision, DECISIONS),
+                _enum(outcome, OUTCOMES),
+                _match(code, _CODE) if code else "",
+            ))  # fmt: skip
+        child.inc()
 
     def stage(self, stage: str, seconds: float) -> None:
-        self._stages.labels(_enum(stage, STAGES)).observe(max(seconds, 0.0))
+        child = self._stage_of.get(stage) or self._stages.labels(OTHER)
+        child.observe(max(seconds, 0.0))
 
     def spend(self, capability: str, cost: float) -> None:
         if cost > 0:
@@ -138,8 +145,18 @@ class PrometheusMetrics:
         self._cache.labels(_enum(result, CACHE_RESULTS)).inc()
 
     def audit(self, kind: str, *, ok: bool) -> None:
-        counter = self._audit_written if ok else self._audit_failed
-        counter.labels(_match(kind, _KIND)).inc()
+        key = ("audit", kind, ok)
+        child = self._children.get(key)
+        if child is None:
+            counter = self._audit_written if ok else self._audit_failed
+            child = self._keep(key, counter.labels(_match(kind, _KIND)))
+        child.inc()
+
+    def _keep(self, key: tuple[Any, ...], child: Any) -> Any:
+        if len(self._children) >= CHILD_CACHE_SIZE:
+            self._children.clear()  # label values from clients: never an unbounded dict
+        self._children[key] = child
+        return child
 
     def circuit(self, upstream: str, state: str) -> None:
         self._circuits.labels(_match(upstream, _UPSTREAM)).set(CIRCUIT_STATES.get(state, 0))

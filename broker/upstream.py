@@ -34,6 +34,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 CHUNK_SIZE = 64 * 1024
+LITERAL_CACHE_SIZE = 4096
 # Shared address space (RFC 6598): carrier NAT, often reaches internal infrastructure.
 CGNAT = ipaddress.IPv4Network("100.64.0.0/10")
 # Well-known NAT64 prefix (RFC 6052): the last 32 bits are the IPv4 address reached.
@@ -117,6 +118,8 @@ class HttpUpstream:
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._resolver = _PinnedResolver()
+        # An address literal's verdict never changes (the allow list is fixed): checked once.
+        self._literals: dict[str, _Pinned] = {}
 
     async def send(
         self, request: OutgoingRequest, *, timeout: float, max_bytes: int
@@ -151,14 +154,21 @@ class HttpUpstream:
         host = _normalise_host(url.raw_host or "")
         if not host or url.port is None:
             raise UpstreamError("the upstream URL has no host or port")
+        pinned = self._literals.get(host)
+        if pinned is not None:
+            return pinned
         addresses = _ip_literal(host)
+        literal = addresses is not None
         if addresses is None:
-            addresses = await _lookup(host, url.port)
+            addresses = await _lookup(host, url.port)  # every call: DNS answers change
         for addr in addresses:
             reason = self._refusal(addr)
             if reason:
                 raise EgressDenied(f"egress to upstream {host} denied: {addr} is {reason} address")
-        return _Pinned(host, addresses)
+        pinned = _Pinned(host, addresses)
+        if literal and len(self._literals) < LITERAL_CACHE_SIZE:
+            self._literals[host] = pinned
+        return pinned
 
     def _refusal(self, addr: IPAddress) -> str | None:
         """Why this address may not be reached, or None when it may."""
