@@ -223,6 +223,16 @@ def cpu_seconds(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cache_lookups(broker_url: str) -> dict[str, float]:
+    """The broker's secret cache counters (hit, miss, shared) from its /metrics."""
+    out: dict[str, float] = {}
+    for line in httpx.get(f"{broker_url}/metrics", timeout=5).text.splitlines():
+        if line.startswith("broker_secret_cache_lookups_total{"):
+            result = line.split('result="', 1)[1].split('"', 1)[0]
+            out[result] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def percentile(samples: list[float], p: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] if ordered else 0.0
@@ -316,6 +326,8 @@ async def measure(
     for t in targets:  # warm up: connections, caches, the broker's first secret read
         await drive(t, 4, 0.5)
     reads_before = counter.reads
+    broker_url = targets[-1].url.split("/v1/")[0]
+    lookups_before = cache_lookups(broker_url)
     for _ in range(options.rounds):
         for concurrency in options.concurrency:
             for t in targets:
@@ -331,6 +343,8 @@ async def measure(
                 samples.setdefault((t.name, concurrency), []).extend(lat)
                 rates.setdefault((t.name, concurrency), []).append(len(lat) / options.seconds)
                 errors[t.name] += err
+    lookups = cache_lookups(broker_url)
+    waited = {k: lookups.get(k, 0) - lookups_before.get(k, 0) for k in ("miss", "shared")}
     rows = []
     for (name, concurrency), lat in samples.items():
         rows.append(
@@ -348,7 +362,10 @@ async def measure(
     return {
         "rows": rows,
         "errors": errors,
+        # On the wire, every Vault read: the refresh-ahead reads in the background included.
         "vault_reads_steady_state": counter.reads - reads_before,
+        # Calls that waited for Vault (a cache miss, or joined a read in flight): must be 0.
+        "calls_waiting_for_vault": int(waited["miss"] + waited["shared"]),
         "vault_reads_warm_up": reads_before,  # at least 1: shows the counter sees the reads
         "summary": summarise(rows, options.concurrency),
     }
@@ -398,7 +415,7 @@ def print_table(result: dict[str, Any]) -> None:
         )
     for key, value in result["summary"].items():
         print(f"{key:38} {value:8.3f}")
-    for key in ("vault_reads_warm_up", "vault_reads_steady_state"):
+    for key in ("vault_reads_warm_up", "vault_reads_steady_state", "calls_waiting_for_vault"):
         print(f"{key:38} {result[key]:8}")
     print(f"{'errors':38} {result['errors']}")
 

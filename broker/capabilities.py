@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -19,7 +20,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -224,9 +224,6 @@ class Capability(BaseModel):
     result: ResultSpec = Field(default_factory=ResultSpec)
     limits: Limits = Field(default_factory=Limits)
     approval: Literal["none", "required"] = "none"
-    # Built once per manifest object, not once per call (the registry caches the objects).
-    _validator: Draft202012Validator | None = PrivateAttr(default=None)
-    _sensitive: tuple[str, ...] | None = PrivateAttr(default=None)
     long_running: bool = False  # always run as a durable job: invoke answers 202 at once
 
     @field_validator("name")
@@ -259,9 +256,7 @@ class Capability(BaseModel):
         """Check the agent's arguments against the input schema (raises InvalidArguments)."""
         if not isinstance(args, dict):
             raise InvalidArguments("args must be a JSON object")
-        if self._validator is None:
-            self._validator = Draft202012Validator(self.input)
-        errors = sorted(self._validator.iter_errors(args), key=lambda e: list(e.path))
+        errors = sorted(self.args_validator.iter_errors(args), key=lambda e: list(e.path))
         if errors:
             first = errors[0]
             where = "/".join(str(p) for p in first.path) or "(root)"
@@ -270,9 +265,27 @@ class Capability(BaseModel):
 
     def sensitive_args(self) -> tuple[str, ...]:
         """Dotted paths of arguments marked ``x-sensitive: true`` in the input schema."""
-        if self._sensitive is None:
-            self._sensitive = tuple(_sensitive_paths(self.input, ""))
-        return self._sensitive
+        return self.sensitive_paths
+
+    # Built once per manifest object, not once per call (the registry caches the objects).
+    # cached_property, not PrivateAttr: pydantic routes private attributes through a
+    # __getattr__ that cost ~3 us a read. Nothing changes a manifest's input or http in place
+    # (the registry's model_copy updates only the version), so the values cannot go stale.
+
+    @cached_property
+    def args_validator(self) -> Draft202012Validator:
+        return Draft202012Validator(self.input)
+
+    @cached_property
+    def sensitive_paths(self) -> tuple[str, ...]:
+        return tuple(_sensitive_paths(self.input, ""))
+
+    @cached_property
+    def secret_names(self) -> tuple[str, ...]:
+        """Sorted names of the secrets the request templates use (only these are fetched)."""
+        from broker.render import referenced_secrets  # render.py imports this module
+
+        return tuple(sorted(referenced_secrets(self)))
 
     def public_view(self) -> dict[str, Any]:
         """What an agent may see: no secret references, no upstream details."""

@@ -12,9 +12,9 @@ import codecs
 import hashlib
 import json
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
@@ -55,7 +55,7 @@ from broker.ports import (
     UpstreamResponse,
 )
 from broker.redaction import Redactor
-from broker.render import referenced_secrets, render
+from broker.render import render
 
 if TYPE_CHECKING:
     from broker.admin import Admin
@@ -719,8 +719,8 @@ def _mark(span: Span, exc: Exception) -> tuple[str, int]:
     return err.code, err.status
 
 
-def referenced_names(cap: Capability) -> list[str]:
-    return sorted(referenced_secrets(cap))
+def referenced_names(cap: Capability) -> tuple[str, ...]:
+    return cap.secret_names
 
 
 def secret_path(template: str, who: Principal) -> str:
@@ -815,9 +815,11 @@ def _decode(response: UpstreamResponse) -> Any:
     text = _clean(response.body.decode(_charset(response.content_type), errors="replace"))
     if "json" in response.content_type.lower() or text[:1] in ("{", "["):
         try:
-            return _clean(json.loads(text))
+            parsed = json.loads(text)
         except (ValueError, RecursionError):
-            pass
+            return text
+        # Only a \u escape can put a lone surrogate in parsed JSON: skip the walk otherwise.
+        return _clean(parsed) if "\\u" in text else parsed
     return text
 
 
@@ -853,11 +855,10 @@ def _pick(body: Mapping[str, Any], path: str) -> Any:
 
 
 def new_call_id() -> str:
-    """``call_`` + 32 hex digits: the time in milliseconds (12), then the last 20 hex digits of
-    a random UUID (74 random bits).
+    """``call_`` + 32 hex digits: the time in milliseconds (12), then 80 random bits (20).
 
     Ids that grow with time are appended at the end of the audit log's call_id index; random
     ones land on a random index page each, which costs the audit writer a page write per
     record and about half its insert speed once the index outgrows the cache.
     """
-    return f"call_{time.time_ns() // 1_000_000:012x}{uuid.uuid4().hex[-20:]}"
+    return f"call_{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
