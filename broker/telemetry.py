@@ -150,12 +150,16 @@ _CURRENT: ContextVar[_Ids | None] = ContextVar("broker_trace_ids", default=None)
 class _PassThroughSpan:
     """A span that is only ids: current while its block runs, records nothing."""
 
-    __slots__ = ("_ids", "_token", "trace_id")
+    __slots__ = ("_ids", "_token")
 
     def __init__(self, ids: _Ids) -> None:
         self._ids = ids
         self._token: Token[_Ids | None] | None = None
-        self.trace_id: str | None = trace.format_trace_id(ids.trace_id)
+
+    @property
+    def trace_id(self) -> str | None:
+        # Formatted on demand: a call makes seven spans and reads the id of one.
+        return trace.format_trace_id(self._ids.trace_id)
 
     def __enter__(self) -> Span:
         self._token = _CURRENT.set(self._ids)
