@@ -18,6 +18,9 @@ from fastapi import Body, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive
+from starlette.types import Scope as AsgiScope
+from starlette.types import Send as AsgiSend
 
 from broker import errors, models
 from broker.errors import BrokerError
@@ -64,7 +67,8 @@ def create_app(broker: Broker, *, max_request_bytes: int = 1_048_576) -> FastAPI
         finally:
             await broker.close()
 
-    app = FastAPI(title="capbroker", version="1", lifespan=lifespan, responses=ERROR_RESPONSES)
+    app = _App(title="capbroker", version="1", lifespan=lifespan, responses=ERROR_RESPONSES)
+    app.hot = BodyLimit(app, broker=broker, limit=max_request_bytes)
     # No 307 to the slashless path: a redirect would carry no error envelope, and its Location
     # would be built from the client's Host header.
     app.router.redirect_slashes = False
@@ -122,6 +126,23 @@ def _install_error_handlers(app: FastAPI, broker: Broker) -> None:
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(Exception, on_unexpected)
+
+
+class _App(FastAPI):
+    """FastAPI, except that an invoke goes straight to ``BodyLimit`` (which serves it as
+    plain ASGI): Starlette's middleware stack cost ~6% of the broker's CPU per call there."""
+
+    hot: BodyLimit
+
+    async def __call__(self, scope: AsgiScope, receive: Receive, send: AsgiSend) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "POST"
+            and INVOKE_PATH.match(scope["path"]) is not None
+        ):
+            await self.hot(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 class _ClientGone(Exception):
