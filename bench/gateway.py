@@ -223,14 +223,26 @@ def cpu_seconds(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def cache_lookups(broker_url: str) -> dict[str, float]:
-    """The broker's secret cache counters (hit, miss, shared) from its /metrics."""
+def scrape(broker_url: str, metric: str, label: str) -> dict[str, float]:
+    """One metric's samples by one label's value, from the broker's /metrics."""
     out: dict[str, float] = {}
     for line in httpx.get(f"{broker_url}/metrics", timeout=5).text.splitlines():
-        if line.startswith("broker_secret_cache_lookups_total{"):
-            result = line.split('result="', 1)[1].split('"', 1)[0]
-            out[result] = float(line.rsplit(" ", 1)[1])
+        if line.startswith(metric + "{"):
+            value = line.split(f'{label}="', 1)[1].split('"', 1)[0]
+            out[value] = float(line.rsplit(" ", 1)[1])
     return out
+
+
+def cache_lookups(broker_url: str) -> dict[str, float]:
+    """The broker's secret cache counters (hit, miss, shared)."""
+    return scrape(broker_url, "broker_secret_cache_lookups_total", "result")
+
+
+def stage_totals(broker_url: str) -> dict[str, tuple[float, float]]:
+    """Per pipeline stage: (seconds, observations) so far, from the broker's histograms."""
+    seconds = scrape(broker_url, "broker_stage_duration_seconds_sum", "stage")
+    counts = scrape(broker_url, "broker_stage_duration_seconds_count", "stage")
+    return {stage: (seconds[stage], counts.get(stage, 0.0)) for stage in seconds}
 
 
 def percentile(samples: list[float], p: float) -> float:
@@ -322,6 +334,7 @@ async def measure(
     samples: dict[tuple[str, int], list[float]] = {}
     rates: dict[tuple[str, int], list[float]] = {}
     cpu: dict[tuple[str, int], float] = {}  # CPU seconds of the serving process
+    stages: dict[int, dict[str, list[float]]] = {}  # broker: per concurrency, stage -> [s, n]
     errors: dict[str, int] = {t.name: 0 for t in targets}
     for t in targets:  # warm up: connections, caches, the broker's first secret read
         await drive(t, 4, 0.5)
@@ -333,7 +346,10 @@ async def measure(
             for t in targets:
                 profiler = profile(options, t, concurrency)
                 before = cpu_seconds(t.pid)
+                marks = stage_totals(broker_url) if t.name == "broker" else {}
                 lat, err = await drive(t, concurrency, options.seconds)
+                if marks:
+                    add_stages(stages.setdefault(concurrency, {}), marks, stage_totals(broker_url))
                 cpu[t.name, concurrency] = cpu.get((t.name, concurrency), 0.0) + (
                     cpu_seconds(t.pid) - before
                 )
@@ -368,7 +384,24 @@ async def measure(
         "calls_waiting_for_vault": int(waited["miss"] + waited["shared"]),
         "vault_reads_warm_up": reads_before,  # at least 1: shows the counter sees the reads
         "summary": summarise(rows, options.concurrency),
+        # mean wall time per call in each pipeline stage (audit: per record, two a call)
+        "broker_stage_ms": {
+            c: {k: round(v[0] / v[1] * 1000, 3) for k, v in by.items() if v[1]}
+            for c, by in stages.items()
+        },
     }
+
+
+def add_stages(
+    into: dict[str, list[float]],
+    before: dict[str, tuple[float, float]],
+    after: dict[str, tuple[float, float]],
+) -> None:
+    for stage, (seconds, count) in after.items():
+        was = before.get(stage, (0.0, 0.0))
+        acc = into.setdefault(stage, [0.0, 0.0])
+        acc[0] += seconds - was[0]
+        acc[1] += count - was[1]
 
 
 def summarise(rows: list[dict[str, Any]], levels: list[int]) -> dict[str, float]:
@@ -418,6 +451,8 @@ def print_table(result: dict[str, Any]) -> None:
     for key in ("vault_reads_warm_up", "vault_reads_steady_state", "calls_waiting_for_vault"):
         print(f"{key:38} {result[key]:8}")
     print(f"{'errors':38} {result['errors']}")
+    for level, by in result["broker_stage_ms"].items():
+        print(f"broker stages at c={level} (ms):", ", ".join(f"{k} {v}" for k, v in by.items()))
 
 
 def main() -> None:
