@@ -114,7 +114,7 @@ def _install_error_handlers(app: FastAPI, broker: Broker) -> None:
         assert isinstance(exc, StarletteHTTPException)
         known = {404: errors.NotFound, 405: errors.MethodNotAllowed}
         cls: type[BrokerError] = known.get(exc.status_code, errors.InvalidRequest)
-        return render_error(cls(str(exc.detail)))
+        return await on_broker_error(request, cls(str(exc.detail)))  # audited like any refusal
 
     async def on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
         # The frames help whoever fixes the bug; the message is left out, it may hold a value.

@@ -30,6 +30,7 @@ log = logging.getLogger("broker.api")
 INVOKE_PATH = re.compile(r"^/v1/capabilities/([^/]+)/invoke$")
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 Answer = tuple[int, dict[str, str], Any]  # status, headers, JSON body
+MAX_AUDITED_PATH = 512
 
 
 def bearer(authorization: str | None) -> str | None:
@@ -125,7 +126,8 @@ async def audit_rejection(broker: Broker, path: str, token: str | None, exc: Bro
         capability=capability,
         decision="deny",
         reason=exc.code,
-        detail={"path": path, "message": exc.message},
+        # The path is the client's: bounded, so a long one cannot bloat the audit log.
+        detail={"path": path[:MAX_AUDITED_PATH], "message": exc.message},
     )
     await broker.record_refusal(event, exc)
 

@@ -26,6 +26,14 @@ def test_health_docs_and_error_envelopes(running_broker: RunningBroker) -> None:
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
     wrong = http.patch("/v1/agents")
     assert wrong.status_code == 405 and "error" in wrong.json()
+    long = http.get("/v1/" + "x" * 5000, headers={"Authorization": "Bearer not-a-token"})
+    assert long.status_code == 404
+    # Routing refusals are audited like every other refusal; the client's path is bounded.
+    refused = running_broker.audit(kind="admin.rejected")
+    reasons = [(e["reason"], e["detail"]["path"]) for e in refused]
+    assert ("not_found", "/v1/nothing-here") in reasons
+    assert ("method_not_allowed", "/v1/agents") in reasons
+    assert ("not_found", ("/v1/" + "x" * 5000)[:512]) in reasons
 
 
 def test_agents_and_tokens(running_broker: RunningBroker) -> None:
