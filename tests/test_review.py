@@ -184,6 +184,46 @@ def test_a_nul_in_the_path_or_query_is_a_client_mistake(
     assert [e["reason"] for e in rb.audit(kind="admin.rejected")] == ["invalid_request"]
 
 
+@pytest.mark.parametrize(
+    "method, path, body",
+    [
+        ("POST", "/v1/agents", {"name": "a\x00b", "roles": []}),
+        ("POST", "/v1/policies", {"subject": "role:x\x00", "object": "test.*"}),
+        ("POST", "/v1/policies", {"subject": "role:x", "object": "test.*", "condition": "'\x00'"}),
+        (
+            "PUT",
+            "/v1/capabilities/test.nul",
+            {"name": "test.nul", "description": "\x00", "http": {"url": "http://127.0.0.1:1/x"}},
+        ),
+        ("POST", "/v1/policies/check", {"agent": "a\x00", "object": "test.echo"}),
+        ("POST", "/v1/policies/replay", {"policy": "p, role:x, test.*\n", "since": "2026\x00"}),
+        ("POST", "/v1/policies/apply", {"policy": "p, role:x\x00, test.*, invoke, allow\n"}),
+        ("POST", "/v1/agents", {"name": "ok", "roles": [], "attributes": {"t\x00": "x"}}),
+        ("PUT", "/v1/agents/ivy/budget", {"limit": 1, "period": "day", "note\x00": [["\x00"]]}),
+    ],
+)
+def test_a_nul_in_an_admin_json_body_is_a_client_mistake(
+    rb: RunningBroker, method: str, path: str, body: dict[str, object]
+) -> None:
+    """A JSON string can carry a NUL (\\u0000); PostgreSQL refuses one in text, which came
+    back as 503 storage_unavailable. It is a 400 before any route runs, and audited."""
+    r = rb.http(rb.admin_token).request(method, path, json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "invalid_request"
+    assert "NUL" in r.json()["error"]["message"]
+    assert [e["reason"] for e in rb.audit(kind="admin.rejected")] == ["invalid_request"]
+    agents = rb.http(rb.admin_token).get("/v1/agents").json()["agents"]
+    assert [a["id"] for a in agents] == ["admin"]  # nothing was created
+
+
+def test_an_escaped_backslash_before_u0000_is_not_a_nul(rb: RunningBroker) -> None:
+    body = {"name": "plain", "roles": [], "attributes": {"note": "\\u0000 is text here"}}
+    r = rb.http(rb.admin_token).post("/v1/agents", json=body)
+    assert r.status_code == 201, r.text
+    stored = rb.http(rb.admin_token).get("/v1/agents/plain").json()
+    assert stored["attributes"]["note"] == "\\u0000 is text here"
+
+
 @pytest.fixture
 def held() -> Iterator[tuple[str, GateUpstream]]:
     """An upstream that holds requests until its gate opens (test_jobs.GateUpstream)."""
