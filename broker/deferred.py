@@ -397,7 +397,7 @@ class Deferred:
         err.call_id = call.call_id
         if call.cap is not None:  # a budget hold: charged if the request may have left
             await self.b._settle(call, call.cap.limits.reservation() if call.sent else None)
-        if call.started:  # call.started is on record: it gets its end
+        if call.started and not call.finishing:  # call.started is on record: it gets one end
             await self.b._finish(call, [], started, status="cancelled", reason="agent_disabled",
                                  detail={"message": err.message})  # fmt: skip
         await self._end(call.call_id, "cancelled", err.status, err.to_dict())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import hashlib
 import itertools
 import json
@@ -145,6 +146,7 @@ class Call:
     reached: bool = False  # an attempt may have reached the upstream (it was not refused first)
     hold: BudgetHold | None = None  # budgets held from the reservation until settled
     cost: float | None = None  # what the call was charged (None: nothing ran)
+    finishing: bool = False  # its call.finished went to the audit log (it will be written)
 
     def event(self, kind: str, **fields: Any) -> AuditEvent:
         cap = self.cap
@@ -425,11 +427,12 @@ class Broker:
     async def _reserve(self, call: Call) -> None:
         """Hold the call's bounded cost against its agent's and task's budgets (402 when short)."""
         assert call.cap is not None and call.principal is not None
+        amount = call.cap.limits.reservation()
+        pending = self.budgets.reserve(
+            call.call_id, call.principal.agent_id, call.request.task_id, amount
+        )
         try:
-            call.hold = await self.budgets.reserve(
-                call.call_id, call.principal.agent_id, call.request.task_id,
-                call.cap.limits.reservation(),
-            )  # fmt: skip
+            call.hold = await (pending if amount <= 0 else _refunded_if_cancelled(self, pending))
         except BrokerError as exc:
             await self._refuse(call, exc)
             raise
@@ -537,6 +540,9 @@ class Broker:
             fields.get("upstream_status"),
             latency,
         )
+        # Set before the append: a cancellation (the kill switch) while it waits must not
+        # write a second call.finished for this call.
+        call.finishing = True
         try:
             with self._stage("audit", audit_kind=event.kind):
                 await self.audit.append(event)
@@ -676,6 +682,19 @@ class Broker:
             if missing is not None:
                 raise missing from None
             raise
+
+
+async def _refunded_if_cancelled(broker: Broker, pending: Awaitable[BudgetHold]) -> BudgetHold:
+    """The hold; if the caller is cancelled (kill switch, shutdown) while the reservation's
+    transaction runs on in its thread, the hold is refunded once it lands instead of staying
+    held until the next start."""
+    task = asyncio.ensure_future(pending)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await broker.budgets.settle(await task, None)
+        raise
 
 
 class _Stage:

@@ -336,13 +336,7 @@ def test_a_job_stopped_before_it_started_runs_after_the_restart(
         pytest.skip("holds the job with a PostgreSQL table lock")
     data = tmp_path / "data"
     rb = start_broker(openbao, database_url, data, job_workers=1)
-    rb.secret("tests/echo", {"token": SECRET})
-    paid = echo_manifest(upstream.url, "test.paid")
-    paid["limits"] = {"cost": 1}
-    rb.admin.put_capability(paid)
-    rb.admin.add_policy("role:tester", "test.*")
-    token = rb.agent("alice", ["tester"])
-    rb.admin.set_budget(10, "day", agent="alice")
+    token = _paid_job_setup(rb, upstream.url, cost=1)
     engine = sa.create_engine(database_url)
     lock = engine.connect()
     lock.exec_driver_sql("LOCK TABLE budget_usage IN EXCLUSIVE MODE")  # the hold must wait
@@ -369,6 +363,18 @@ def test_a_job_stopped_before_it_started_runs_after_the_restart(
         # Collect the dropped connection here, under this test's filters: left to a later
         # collection it is reported as an error of whichever test runs then.
         gc.collect()
+
+
+def _paid_job_setup(rb: RunningBroker, upstream_url: str, *, cost: float) -> str:
+    """test.paid (costs ``cost``), alice may call it with a budget of 10 a day; her token."""
+    rb.secret("tests/echo", {"token": SECRET})
+    paid = echo_manifest(upstream_url, "test.paid")
+    paid["limits"] = {"cost": cost}
+    rb.admin.put_capability(paid)
+    rb.admin.add_policy("role:tester", "test.*")
+    token = rb.agent("alice", ["tester"])
+    rb.admin.set_budget(10, "day", agent="alice")
+    return token
 
 
 def _audit_rows(url: str, call_id: str) -> list[dict[str, object]]:
@@ -464,3 +470,90 @@ def test_a_connection_given_back_after_dispose_is_closed(tmp_path: Path) -> None
     conn.close()
     with pytest.raises(sqlite3.ProgrammingError):
         raw.execute("SELECT 1")
+
+
+def _finished_waiting(rb: RunningBroker) -> bool:
+    """A call.finished record is with the audit writer and not yet confirmed."""
+    from broker.audit import _KIND
+
+    log = rb.broker.audit.inner  # type: ignore[attr-defined]
+    return any(
+        item.values[_KIND] == "call.finished" and item.future is not None and not item.future.done()
+        for pending in list(log._pending.values())
+        for item in list(pending)
+    )
+
+
+def test_the_kill_switch_while_a_job_records_its_end_writes_one_call_finished(
+    openbao: DevVault, database_url: str, tmp_path: Path, held: tuple[str, GateUpstream]
+) -> None:
+    """A job cancelled by the kill switch while its call.finished waited for the audit log
+    got a second call.finished (cancelled) beside the first: two ends for one call."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("holds the audit writer with a PostgreSQL table lock")
+    rb = start_broker(openbao, database_url, tmp_path / "data", job_workers=1)
+    engine = sa.create_engine(database_url)
+    try:
+        rb.secret("tests/echo", {"token": SECRET})
+        rb.admin.put_capability(echo_manifest(held[0], "test.gate"))
+        rb.admin.add_policy("role:tester", "test.*")
+        token = rb.agent("alice", ["tester"])
+        body = invoke_async(rb, token, "test.gate", "ending")
+        wait_for(lambda: held[1].count("ending") == 1, "the job upstream")
+        with engine.connect() as lock, ThreadPoolExecutor(1) as pool:
+            lock.exec_driver_sql("LOCK TABLE audit_events IN EXCLUSIVE MODE")
+            held[1].gate.set()  # the answer arrives; its call.finished waits for the lock
+            wait_for(lambda: _finished_waiting(rb), "call.finished to wait for the audit log")
+            admin = rb.http(rb.admin_token)
+            disabling = pool.submit(admin.post, "/v1/agents/alice/disable")
+            wait_for(lambda: not rb.broker.deferred._jobs, "the kill switch to cancel the job")
+            lock.rollback()
+            assert disabling.result().status_code == 200
+        ends = [
+            e for e in _audit_rows(database_url, body["call_id"]) if e["kind"] == "call.finished"
+        ]
+        assert len(ends) == 1
+        assert rb.sdk(rb.admin_token).get_call(body["call_id"])["state"] == "cancelled"
+        assert rb.admin.verify_audit()["ok"] is True
+    finally:
+        engine.dispose()
+        rb.close()
+
+
+def _lock_waits(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        waiting = conn.exec_driver_sql(
+            "SELECT count(*) FROM pg_locks WHERE NOT granted AND database ="
+            " (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )  # this test's database only: other workers' tests run beside it
+        return int(waiting.scalar() or 0)
+
+
+def test_the_kill_switch_while_a_job_reserves_its_budget_refunds_the_hold(
+    openbao: DevVault, database_url: str, tmp_path: Path, upstream: RunningUpstream
+) -> None:
+    """A job cancelled while its budget reservation waited for the database left the hold
+    in place once the reservation landed: the agent's budget stayed short until a restart."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("holds the reservation with a PostgreSQL table lock")
+    rb = start_broker(openbao, database_url, tmp_path / "data", job_workers=1)
+    engine = sa.create_engine(database_url)
+    try:
+        token = _paid_job_setup(rb, upstream.url, cost=3)
+        with engine.connect() as lock, ThreadPoolExecutor(1) as pool:
+            lock.exec_driver_sql("LOCK TABLE budget_usage IN EXCLUSIVE MODE")
+            body = invoke_async(rb, token, "test.paid", "held")
+            wait_for(lambda: _lock_waits(engine) > 0, "the reservation to wait for the lock")
+            disabling = pool.submit(rb.http(rb.admin_token).post, "/v1/agents/alice/disable")
+            time.sleep(0.2)
+            lock.rollback()
+            assert disabling.result().status_code == 200
+        wait_for(lambda: not rb.broker.deferred._jobs, "the job to end")
+        budget = rb.admin.get_budget(agent="alice")
+        assert (budget["reserved"], budget["spent"]) == (0.0, 0.0)
+        kinds = [e["kind"] for e in _audit_rows(database_url, body["call_id"])]
+        assert "call.started" not in kinds and brk.sent(upstream, "/echo") == 0
+        assert rb.sdk(rb.admin_token).get_call(body["call_id"])["state"] == "cancelled"
+    finally:
+        engine.dispose()
+        rb.close()
