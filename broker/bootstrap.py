@@ -23,7 +23,7 @@ from broker.guards import LocalGuards
 from broker.idempotency import SqlIdempotencyStore
 from broker.identity import SqlDirectory
 from broker.jobs import SqlCallStore
-from broker.keyring import AuditKeys
+from broker.keyring import AuditKeys, load_sealer
 from broker.metrics import MeteredAuditLog, PrometheusMetrics
 from broker.onbehalf import OnBehalf
 from broker.policy import CasbinPolicy, parse_policy_csv
@@ -99,7 +99,7 @@ def build_broker(settings: Settings, *, tracer: Tracer | None = None) -> Broker:
     broker.admin = Admin(broker)
     broker.deferred = Deferred(
         broker,
-        SqlCallStore(engine),
+        SqlCallStore(engine, load_sealer(settings.data_dir / "calls-seal-key.json")),
         approval_ttl=settings.approval_ttl,
         workers=settings.job_workers,
         runner=settings.audit_chain_id,  # one per instance: it settles only its own jobs

@@ -1,7 +1,8 @@
 """The audit hash chain and its signed checkpoints: encoding, hashing, signing, verifying.
 
 Pure functions over plain dicts, shared by the broker (``audit.py``) and the offline
-verifier (``broker audit verify --file``). The only module that imports ``cryptography``.
+verifier (``broker audit verify --file``). The only module that imports ``cryptography``, so
+it also holds ``Sealer`` (AES-GCM for deferred calls' arguments at rest).
 
 Canonical encoding (stable across versions and across SQLite/PostgreSQL): the values of the
 record's fields in ``HASHED_FIELDS`` order, as a JSON array with no whitespace, UTF-8, no
@@ -26,13 +27,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 GENESIS = "0" * 64
 HASHED_FIELDS = (
@@ -284,3 +287,41 @@ def verify_export(lines: Iterator[str], public_keys: dict[str, str] | None) -> d
         recs = sorted(records.get(chain_id, []), key=lambda r: int(r["seq"]))
         report.chains.append(verify_chain(chain_id, recs, checkpoints.get(chain_id, []), keys))
     return report.to_dict()
+
+
+# --- sealing values kept at rest ---------------------------------------------------------------
+
+SEALED = "sealed:v1:"
+
+
+class Sealer:
+    """AES-256-GCM for what the broker keeps at rest outside the audit log: a deferred call's
+    arguments (they may hold ``x-sensitive`` values, which the audit log only ever HMACs).
+
+    A sealed value is ``sealed:v1:<key id>:<base64url(nonce + ciphertext + tag)>``; ``aad``
+    binds it to its row, so a value copied onto another row does not open.
+    """
+
+    def __init__(self, key_id: str, key: bytes) -> None:
+        if len(key) != 32:
+            raise ValueError("a sealing key is 32 bytes")
+        self.key_id = key_id
+        self._aead = AESGCM(key)
+
+    def seal(self, plaintext: bytes, aad: bytes) -> str:
+        nonce = os.urandom(12)
+        blob = nonce + self._aead.encrypt(nonce, plaintext, aad)
+        return f"{SEALED}{self.key_id}:{base64.urlsafe_b64encode(blob).decode()}"
+
+    def open(self, sealed: str, aad: bytes) -> bytes:
+        """The plaintext; ValueError for anything not sealed by this key for this ``aad``."""
+        if not sealed.startswith(SEALED):
+            raise ValueError("not a sealed value")
+        key_id, _, body = sealed.removeprefix(SEALED).partition(":")
+        if key_id != self.key_id:
+            raise ValueError(f"sealed with another key ({key_id[:32]!r})")
+        try:
+            blob = base64.urlsafe_b64decode(body)
+            return self._aead.decrypt(blob[:12], blob[12:], aad)
+        except (ValueError, InvalidTag):
+            raise ValueError("the sealed value does not open (changed, or another row's)") from None

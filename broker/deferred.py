@@ -356,6 +356,8 @@ class Deferred:
 
     async def _readmit(self, call: Call, job: StoredCall) -> None:
         """What may have changed since the call was accepted is checked again."""
+        if job.args is None:  # sealed with a key this broker does not have, or changed
+            raise errors.StorageUnavailable("the call's stored arguments cannot be opened")
         agent = await self.b.directory.get_agent(job.agent_id)
         if agent is None or agent.disabled:
             raise errors.Unauthenticated(f"agent {job.agent_id} is disabled")

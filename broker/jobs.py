@@ -9,6 +9,7 @@ admins deciding an approval, exactly one wins; the loser sees ``False``/``None``
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
@@ -16,16 +17,22 @@ from typing import Any
 from sqlalchemy import Engine, insert, select, update
 
 from broker import db
+from broker.chain import SEALED, Sealer
 from broker.ports import ApprovalRecord, StoredCall
 
+log = logging.getLogger("broker.jobs")
 _CALL_FIELDS = tuple(StoredCall.__dataclass_fields__)
 _APPROVAL_FIELDS = tuple(ApprovalRecord.__dataclass_fields__)
 WAITING = ("approval_pending", "queued")
 
 
 class SqlCallStore:
-    def __init__(self, engine: Engine) -> None:
+    """``args`` are sealed at rest (``chain.Sealer``, bound to the call id): they can hold
+    ``x-sensitive`` values for as long as a call waits for its approval or its worker."""
+
+    def __init__(self, engine: Engine, sealer: Sealer) -> None:
         self._engine = engine
+        self._sealer = sealer
 
     # -- create and read --------------------------------------------------------------------
 
@@ -36,7 +43,7 @@ class SqlCallStore:
         now = db.utcnow()
         row = asdict(call)
         row.update(
-            args=db.dumps(call.args),
+            args=self._sealer.seal(db.dumps(call.args).encode(), call.call_id.encode()),
             response=None if call.response is None else db.dumps(call.response),
             created_at=now,
             updated_at=now,
@@ -52,7 +59,7 @@ class SqlCallStore:
     def _get_call(self, call_id: str) -> StoredCall | None:
         with self._engine.connect() as conn:
             row = conn.execute(select(db.calls).where(db.calls.c.call_id == call_id)).first()
-        return _call(row._mapping) if row else None
+        return self._call(row._mapping) if row else None
 
     async def get_approval(self, approval_id: str) -> ApprovalRecord | None:
         return await db.run(self._get_approval, approval_id)
@@ -81,7 +88,7 @@ class SqlCallStore:
         t = db.calls
         stmt = select(t).where(t.c.state == "running", t.c.runner == runner)
         with self._engine.connect() as conn:
-            return [_call(r._mapping) for r in conn.execute(stmt.order_by(t.c.created_at))]
+            return [self._call(r._mapping) for r in conn.execute(stmt.order_by(t.c.created_at))]
 
     # -- state changes ----------------------------------------------------------------------
 
@@ -139,7 +146,7 @@ class SqlCallStore:
                         .where(db.approvals.c.id == row.approval_id)
                         .values(used_at=db.utcnow())
                     )
-                return _call({**row._mapping, "state": "running", "runner": runner})
+                return self._call({**row._mapping, "state": "running", "runner": runner})
 
     async def transition(
         self,
@@ -198,6 +205,23 @@ class SqlCallStore:
         done = conn.execute(stmt.values(status=status, **values))
         return bool(done.rowcount == 1)
 
+    def _call(self, row: Any) -> StoredCall:
+        data = {k: row[k] for k in _CALL_FIELDS}
+        data["args"] = self._open_args(data["call_id"], data["args"])
+        data["response"] = None if data["response"] is None else json.loads(data["response"])
+        return StoredCall(**data)
+
+    def _open_args(self, call_id: str, stored: str) -> Any:
+        """The arguments; None if they cannot be opened (another key, or changed): such a
+        call never runs (``Deferred`` ends it ``storage_unavailable``)."""
+        if not stored.startswith(SEALED):
+            return json.loads(stored)  # stored before arguments were sealed
+        try:
+            return json.loads(self._sealer.open(stored, call_id.encode()))
+        except ValueError as exc:
+            log.error("call %s: its stored arguments do not open: %s", call_id, exc)
+            return None
+
     @staticmethod
     def _set_call(
         conn: Any, call_id: str, from_states: Sequence[str], to_state: str, **values: Any
@@ -211,11 +235,6 @@ class SqlCallStore:
         return bool(done.rowcount == 1)
 
 
-def _call(row: Any) -> StoredCall:
-    data = {k: row[k] for k in _CALL_FIELDS}
-    data["args"] = json.loads(data["args"])
-    data["response"] = None if data["response"] is None else json.loads(data["response"])
-    return StoredCall(**data)
 
 
 def _approval(row: Any) -> ApprovalRecord:

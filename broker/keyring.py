@@ -16,7 +16,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from broker.chain import Signer, canonical, new_signing_key
+from broker.chain import Sealer, Signer, canonical, new_signing_key
 
 HMAC_PREFIX = "hmac-sha256"
 
@@ -71,3 +71,23 @@ class AuditKeys:
     def hmac_all(self, value: Any) -> list[str]:
         """The value's HMAC under every key, newest first (for searching old records)."""
         return [self.hmac(value, kid) for kid in reversed(list(self._keys))]
+
+
+def load_sealer(path: Path) -> Sealer:
+    """The key that seals deferred calls' arguments at rest, made (mode 0600) on first use.
+
+    Instances that share a database must share this file, as they share the audit keys: a
+    call stored by one is run or approved by another.
+    """
+    if not path.exists():
+        made = {"id": f"sk-{secrets.token_hex(4)}", "key": secrets.token_bytes(32).hex()}
+        tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
+        _write_private(tmp, json.dumps(made).encode())
+        try:
+            os.link(tmp, path)  # never replaces a key another process made meanwhile
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    data = json.loads(path.read_text())
+    return Sealer(str(data["id"]), bytes.fromhex(data["key"]))

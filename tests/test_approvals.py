@@ -7,13 +7,17 @@ denial; every refusal is in the audit log with its code.
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
 from broker import errors
 from broker.devserver import DevVault
@@ -274,3 +278,70 @@ def test_a_policy_rule_can_require_an_approval_for_some_arguments(
         "/v1/capabilities/test.pay/invoke", json={"args": {"message": "c", "count": 50}}
     )
     assert r.status_code == 200, r.text
+
+
+def b64(value: str) -> str:
+    return base64.b64encode(value.encode()).decode()
+
+
+def _stored_call(rb: RunningBroker, call_id: str) -> dict[str, Any]:
+    engine = sa.create_engine(rb.settings.resolved_database_url())
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(sa.text("SELECT * FROM calls WHERE call_id = :c"), {"c": call_id})
+            return dict(row.one()._mapping)
+    finally:
+        engine.dispose()
+
+
+def _set_stored_args(rb: RunningBroker, call_id: str, args: str) -> None:
+    engine = sa.create_engine(rb.settings.resolved_database_url())
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text("UPDATE calls SET args = :a WHERE call_id = :c"), {"a": args, "c": call_id}
+            )
+    finally:
+        engine.dispose()
+
+
+def test_a_waiting_calls_arguments_are_sealed_at_rest(
+    rb: RunningBroker, upstream: RunningUpstream
+) -> None:
+    """A call waiting for its approval keeps its arguments in the database for hours; an
+    x-sensitive value must not be readable there (the audit log only ever HMACs it)."""
+    token = rb.agent("alice", ["tester"])
+    value = "pin-4711/secret?x=1"
+    body = ask(rb, token, {"message": "deploy", "note": value}).json()
+    row = _stored_call(rb, body["call_id"])
+    text = json.dumps(row, default=str)
+    for form in (value, quote(value, safe=""), quote_plus(value), b64(value), "deploy"):
+        assert form not in text
+    assert str(row["args"]).startswith("sealed:v1:sk-")
+    key_file = rb.settings.data_dir / "calls-seal-key.json"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    rb.admin.approve(body["approval_id"])
+    done = rb.sdk(token).wait_call(body["call_id"])
+    assert done["state"] == "succeeded", done
+    assert done["response"]["result"]["json"]["message"] == "deploy"  # opened for the run
+
+
+def test_arguments_that_do_not_open_are_never_run(
+    rb: RunningBroker, upstream: RunningUpstream
+) -> None:
+    """Changed in the database, or moved from another call's row: the call fails closed
+    (503 storage_unavailable), nothing is sent and no call.started is written."""
+    token = rb.agent("alice", ["tester"])
+    first = ask(rb, token, {"message": "one", "note": "a"}).json()
+    second = ask(rb, token, {"message": "two", "note": "b"}).json()
+    stored = str(_stored_call(rb, first["call_id"])["args"])
+    _set_stored_args(rb, second["call_id"], stored)  # another row's sealed arguments
+    flipped = stored[:-3] + ("A" if stored[-3] != "A" else "B") + stored[-2:]
+    _set_stored_args(rb, first["call_id"], flipped)  # one character changed
+    for call in (first, second):
+        rb.admin.approve(call["approval_id"])
+        done = rb.sdk(token).wait_call(call["call_id"])
+        assert done["state"] == "failed", done
+        assert done["response"]["error"]["code"] == "storage_unavailable"
+        assert "call.started" not in kinds(rb, call["call_id"])
+    assert sent(upstream) == 0
