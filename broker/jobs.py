@@ -235,7 +235,5 @@ class SqlCallStore:
         return bool(done.rowcount == 1)
 
 
-
-
 def _approval(row: Any) -> ApprovalRecord:
     return ApprovalRecord(**{k: row[k] for k in _APPROVAL_FIELDS})
