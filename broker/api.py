@@ -129,10 +129,11 @@ def _install_error_handlers(app: FastAPI, broker: Broker) -> None:
 
 
 def _json_holds_nul(body: bytes) -> bool:
-    """Does a JSON body hold a NUL in a key or string? (Only ``\\u0000`` can put one there:
-    a raw NUL byte is not valid JSON.) The admin API's names, ids and subjects are text
-    columns, and PostgreSQL refuses a NUL in text."""
-    if b"\\u0000" not in body:
+    """Does a JSON body hold a NUL in a key or string (an escaped ``\\u0000``)? The admin
+    API's names, ids and subjects are text columns, and PostgreSQL refuses a NUL in text."""
+    # A UTF-16 or UTF-32 body (json.loads detects them, as the routes' parser does) is full of
+    # zero bytes and spells the escape in them: parse those too.
+    if b"\\u0000" not in body and b"\x00" not in body:
         return False
     try:
         return _holds_nul(json.loads(body))

@@ -99,7 +99,7 @@ def build_broker(settings: Settings, *, tracer: Tracer | None = None) -> Broker:
     broker.admin = Admin(broker)
     broker.deferred = Deferred(
         broker,
-        SqlCallStore(engine, load_sealer(settings.data_dir / "calls-seal-key.json")),
+        SqlCallStore(engine, load_sealer(_seal_key_file(settings))),
         approval_ttl=settings.approval_ttl,
         workers=settings.job_workers,
         runner=settings.audit_chain_id,  # one per instance: it settles only its own jobs
@@ -113,6 +113,13 @@ def build_broker(settings: Settings, *, tracer: Tracer | None = None) -> Broker:
     if owned is not None:
         broker.on_close.append(lambda: asyncio.to_thread(owned.close))  # flushes batched spans
     return broker
+
+
+def _seal_key_file(settings: Settings) -> Path:
+    """Beside the audit HMAC keys: where an operator shares those between instances (and
+    keeps them past a throwaway data dir), the sealing key is shared and kept with them."""
+    keys = settings.audit_hmac_keys_file
+    return (keys.parent if keys is not None else settings.data_dir) / "calls-seal-key.json"
 
 
 def _audit_log(engine: Engine, settings: Settings) -> SqlAuditLog:

@@ -358,6 +358,14 @@ class Deferred:
         """What may have changed since the call was accepted is checked again."""
         if job.args is None:  # sealed with a key this broker does not have, or changed
             raise errors.StorageUnavailable("the call's stored arguments cannot be opened")
+        # The arguments run are the ones accepted (and approved): an unsealed row, or one whose
+        # fingerprint was changed with it, does not pass for another call's.
+        expected = {job.args_hash}
+        if job.approval_id is not None:
+            approval = await self.store.get_approval(job.approval_id)
+            expected.add(approval.args_hash if approval is not None else "")
+        if expected != {fingerprint(job.args)}:
+            raise errors.StorageUnavailable("the call's stored arguments were changed")
         agent = await self.b.directory.get_agent(job.agent_id)
         if agent is None or agent.disabled:
             raise errors.Unauthenticated(f"agent {job.agent_id} is disabled")

@@ -73,6 +73,14 @@ class AuditKeys:
         return [self.hmac(value, kid) for kid in reversed(list(self._keys))]
 
 
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def load_sealer(path: Path) -> Sealer:
     """The key that seals deferred calls' arguments at rest, made (mode 0600) on first use.
 
@@ -89,5 +97,6 @@ def load_sealer(path: Path) -> Sealer:
             pass
         finally:
             tmp.unlink()
+        _fsync_dir(path.parent)  # the key's name must survive a power cut with the rows it seals
     data = json.loads(path.read_text())
     return Sealer(str(data["id"]), bytes.fromhex(data["key"]))

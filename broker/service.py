@@ -70,7 +70,7 @@ NOT_SENT = (errors.SecretUnavailable, errors.EgressDenied, errors.UpstreamUnavai
 SAFE_PATH_VALUE = re.compile(r"^[A-Za-z0-9_.@-]+$")
 IDEMPOTENCY_KEY_MAX = 255
 HEADER_TOKEN = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
-REDACTOR_CACHE_SIZE = 1024
+REDACTOR_CACHE_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -714,11 +714,14 @@ class _Stage:
     def __enter__(self) -> Span:
         self._started = time.perf_counter()
         self._cm = self._broker.tracer.span(f"broker.{self._name}", kind=self._kind)
-        span = self._cm.__enter__()
+        self._span = self._cm.__enter__()
         if self._attrs:
-            span.set(**self._attrs)
-        self._span = span
-        return span
+            try:
+                self._span.set(**self._attrs)
+            except BaseException as exc:  # the span is entered: leave it as the block would
+                self.__exit__(type(exc), exc, exc.__traceback__)
+                raise
+        return self._span
 
     def __exit__(
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
@@ -837,11 +840,11 @@ def _decode(response: UpstreamResponse) -> Any:
     text = _clean(response.body.decode(_charset(response.content_type), errors="replace"))
     if "json" in response.content_type.lower() or text[:1] in ("{", "["):
         try:
-            parsed = json.loads(text)
+            # The walk also bounds the depth that the redactor will recurse through: JSON too
+            # deep for it comes back as text (redacted as text), never as a failed call.
+            return _clean(json.loads(text))
         except (ValueError, RecursionError):
-            return text
-        # Only a \u escape can put a lone surrogate in parsed JSON: skip the walk otherwise.
-        return _clean(parsed) if "\\u" in text else parsed
+            pass
     return text
 
 

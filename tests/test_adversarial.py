@@ -816,3 +816,20 @@ def test_secret_that_cannot_be_used_fails_closed_without_leaking(
     assert r.status_code == 503 and r.json()["error"]["code"] == "secret_unavailable", r.text
     assert hostile.app.seen == []
     assert_nothing_leaked(env, r.text, caplog=caplog)
+
+
+@pytest.mark.parametrize("escape", ["", "\\u0041"])
+def test_upstream_json_too_deep_to_walk_comes_back_as_redacted_text(escape: str) -> None:
+    """JSON that parses but is too deep to walk must not fail a call whose upstream already
+    acted: it is returned as text, and redacted as text."""
+    from broker.capabilities import Capability
+    from broker.ports import UpstreamResponse
+    from broker.redaction import Redactor
+    from broker.service import shape
+
+    cap = Capability.model_validate({"name": "t.deep", "http": {"url": "http://127.0.0.1:1/"}})
+    deep = "[" * 600 + f'"{escape}s3cr3t-value"' + "]" * 600  # parses; too deep to walk
+    response = UpstreamResponse(200, (("content-type", "application/json"),), deep.encode())
+    status, result, upstream_status = shape(cap, response, Redactor(["s3cr3t-value"]))
+    assert (status, upstream_status) == ("succeeded", 200)
+    assert isinstance(result, str) and "s3cr3t-value" not in result and "[REDACTED]" in result

@@ -329,16 +329,19 @@ def test_a_waiting_calls_arguments_are_sealed_at_rest(
 def test_arguments_that_do_not_open_are_never_run(
     rb: RunningBroker, upstream: RunningUpstream
 ) -> None:
-    """Changed in the database, or moved from another call's row: the call fails closed
-    (503 storage_unavailable), nothing is sent and no call.started is written."""
+    """Changed in the database, moved from another call's row, or replaced by plain JSON
+    (as rows were stored before sealing): the call fails closed (503 storage_unavailable),
+    nothing is sent and no call.started is written."""
     token = rb.agent("alice", ["tester"])
     first = ask(rb, token, {"message": "one", "note": "a"}).json()
     second = ask(rb, token, {"message": "two", "note": "b"}).json()
+    third = ask(rb, token, {"message": "three", "note": "c"}).json()
+    _set_stored_args(rb, third["call_id"], json.dumps({"message": "swapped", "note": "c"}))
     stored = str(_stored_call(rb, first["call_id"])["args"])
     _set_stored_args(rb, second["call_id"], stored)  # another row's sealed arguments
     flipped = stored[:-3] + ("A" if stored[-3] != "A" else "B") + stored[-2:]
     _set_stored_args(rb, first["call_id"], flipped)  # one character changed
-    for call in (first, second):
+    for call in (first, second, third):
         rb.admin.approve(call["approval_id"])
         done = rb.sdk(token).wait_call(call["call_id"])
         assert done["state"] == "failed", done

@@ -5,6 +5,7 @@ tasks, approvals and capability changes. Real broker, OpenBao, upstreams; SQLite
 from __future__ import annotations
 
 import gc
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -202,12 +203,16 @@ def test_a_nul_in_the_path_or_query_is_a_client_mistake(
         ("PUT", "/v1/agents/ivy/budget", {"limit": 1, "period": "day", "note\x00": [["\x00"]]}),
     ],
 )
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-16", "utf-32"])
 def test_a_nul_in_an_admin_json_body_is_a_client_mistake(
-    rb: RunningBroker, method: str, path: str, body: dict[str, object]
+    rb: RunningBroker, method: str, path: str, body: dict[str, object], encoding: str
 ) -> None:
     """A JSON string can carry a NUL (\\u0000); PostgreSQL refuses one in text, which came
-    back as 503 storage_unavailable. It is a 400 before any route runs, and audited."""
-    r = rb.http(rb.admin_token).request(method, path, json=body)
+    back as 503 storage_unavailable. It is a 400 before any route runs, and audited, in every
+    encoding the JSON parser accepts."""
+    raw = json.dumps(body).encode(encoding)
+    headers = {"Content-Type": "application/json"}
+    r = rb.http(rb.admin_token).request(method, path, content=raw, headers=headers)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["code"] == "invalid_request"
     assert "NUL" in r.json()["error"]["message"]
