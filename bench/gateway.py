@@ -23,6 +23,7 @@ import asyncio
 import json
 import os
 import secrets
+import shutil
 import statistics
 import subprocess
 import sys
@@ -209,7 +210,9 @@ def profile(
     """py-spy on the broker during its run at the highest concurrency (--profile FILE)."""
     if not options.profile or target.name != "broker" or concurrency != max(options.concurrency):
         return None
-    command = ["py-spy", "record", "-p", str(target.pid), "-d", str(max(1, int(options.seconds)))]
+    # py-spy installed in the venv is beside its python, which need not be on PATH.
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    command = [spy, "record", "-p", str(target.pid), "-d", str(max(1, int(options.seconds)))]
     command += ["-f", "raw", "-r", "250", "-o", options.profile]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

@@ -10,6 +10,12 @@ followed by ``call.abandoned`` if it landed late). Signed checkpoints of the cha
 the transaction of the batch that makes them due (every ``checkpoint_every`` records or
 ``checkpoint_interval`` seconds) and are appended to a file outside the database after it
 commits; an idle writer checkpoints on its own.
+
+A caller that says it is ``alone`` (no other call in flight) on SQLite writes its record itself,
+on its own thread, when the writer is idle: the two thread hand-overs of the queue (to the
+writer and back to the event loop) cost ~0.08 ms an append, a third of a lone call's wait. The
+chain lock keeps one writer of the head at a time; a busy database (or a due checkpoint, or any
+failure) sends the record down the queue as usual, so failures are handled in one place.
 """
 
 from __future__ import annotations
@@ -113,8 +119,14 @@ class SqlAuditLog:
         checkpoint_every: int = 1000,
         checkpoint_interval: float = 10.0,
         max_batch: int = 4000,
+        inline: bool = True,
     ) -> None:
         self._engine = engine
+        # Only SQLite: its commit is a local write and fsync; PostgreSQL's is a round trip
+        # that may hang, which must never hold the event loop.
+        self._inline = inline and engine.dialect.name == "sqlite"
+        self._inline_raw: Any = None  # the inline path's own connection (busy_timeout 0)
+        self._chain_lock = threading.Lock()  # held by whoever is moving the chain head
         self.keys = keys
         self.chain_id = chain_id
         self._checkpoint_file = checkpoint_dir / f"{chain_id}.jsonl"
@@ -142,6 +154,8 @@ class SqlAuditLog:
         Returns how many calls were recorded as ``call.abandoned``.
         """
         await db.run(self._load_head, error=AuditUnavailable)
+        if self._inline:
+            self._inline_raw = await db.run(self._inline_connection, error=AuditUnavailable)
         self._thread = threading.Thread(
             target=self._run, name=f"audit-{self.chain_id}", daemon=True
         )
@@ -164,6 +178,18 @@ class SqlAuditLog:
         self._queue.put(_STOP)
         await asyncio.to_thread(self._thread.join, 30)
         self._thread = None
+        raw, self._inline_raw = self._inline_raw, None
+        if raw is not None:
+            with self._chain_lock, contextlib.suppress(Exception):
+                raw.close()
+
+    def _inline_connection(self) -> Any:
+        raw = self._engine.raw_connection()
+        cur = raw.cursor()
+        # A locked database must not hold the event loop: give up at once and queue.
+        cur.execute("PRAGMA busy_timeout=0")
+        cur.close()
+        return raw
 
     def _load_head(self) -> None:
         t = db.audit_events
@@ -198,12 +224,17 @@ class SqlAuditLog:
 
     # -- appending --------------------------------------------------------------------------
 
-    async def append(self, event: AuditEvent) -> int:
+    async def append(self, event: AuditEvent, *, alone: bool = False) -> int:
         if not self._running:
             raise AuditUnavailable("the audit writer is not running")
+        values = self._prepare(event)
+        if alone and self._inline_raw is not None and self._healthy:
+            seq = self._write_inline(values)
+            if seq is not None:
+                return seq
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int] = loop.create_future()
-        item = _Item(self._prepare(event), loop, future, loop.time() + self._timeout)
+        item = _Item(values, loop, future, loop.time() + self._timeout)
         self._queue.put(item)
         self._watch(loop, item)
         return await future
@@ -292,17 +323,65 @@ class SqlAuditLog:
         # A caller that already answered 503 must not find its call.started written later.
         return [i for i in items if not i.gave_up], stop
 
-    def _write(self, batch: list[_Item]) -> None:
+    def _write_inline(self, values: list[Any]) -> int | None:
+        """Write one record on the caller's thread if the writer is idle; its seq, or None
+        (nothing written: the caller queues it). Never waits for a lock."""
+        if not self._queue.empty() or not self._chain_lock.acquire(blocking=False):
+            return None
+        try:
+            head = self._head
+            if not self._healthy or self._checkpoint_due(head.seq + 1):
+                return None  # the writer signs checkpoints and handles failures
+            raw = self._inline_raw
+            row = [*values]  # the queue path gets the values untouched if this fails
+            seq, prev = self._link([row])
+            try:
+                cur = raw.cursor()
+                try:
+                    self._insert(cur, [row])
+                finally:
+                    cur.close()
+                raw.commit()
+            except Exception:
+                with contextlib.suppress(Exception):
+                    raw.rollback()
+                return None
+            head.seq, head.hash = seq, prev
+            return seq
+        finally:
+            self._chain_lock.release()
+
+    def _link(self, rows: list[list[Any]]) -> tuple[int, str]:
+        """Give each row its seq, prev_hash and hash after the head; the new (seq, hash)."""
         head = self._head
-        seq, prev, rows = head.seq, head.hash, []
+        seq, prev = head.seq, head.hash
         values_hash, seq_at, prev_at = chain.values_hash, chain.SEQ, chain.PREV_HASH
-        for item in batch:
-            values = item.values
+        for values in rows:
             seq += 1
             values[seq_at], values[prev_at] = seq, prev
             prev = values_hash(values)
             values.append(prev)  # _STORED is HASHED_FIELDS + hash
-            rows.append(values)
+        return seq, prev
+
+    def _write(self, batch: list[_Item]) -> None:
+        # The chain lock is released before the callers wake: a lone caller's next record
+        # must find the writer idle, not still finishing this batch.
+        with self._chain_lock:
+            seqs, cp = self._commit(batch)
+        _resolve(batch, seqs)
+        if cp is not None:
+            self._checkpoint_stored(cp)
+        for item, seq in zip(batch, seqs, strict=True):
+            if seq is not None and item.gave_up and item.values[_KIND] == "call.started":
+                started = dict(zip(_STORED, item.values, strict=True))
+                self._queue.put(_Item(_abandoned(started), None, None))
+
+    def _commit(self, batch: list[_Item]) -> tuple[list[int | None], dict[str, Any] | None]:
+        """Link, insert and commit the batch (with a due checkpoint); each record's seq, or
+        all None if nothing of it is durable."""
+        head = self._head
+        rows = [item.values for item in batch]
+        seq, prev = self._link(rows)
         cp = self._sign_if_due(seq, prev)
         try:
             raw = self._connection()
@@ -319,18 +398,11 @@ class SqlAuditLog:
             self._drop_connection()
             self._healthy = False
             self._reload_head_quietly()
-            _resolve(batch, [None] * len(batch))
-            return
+            return [None] * len(batch), None
         self._healthy = True
         first = head.seq + 1
         head.seq, head.hash = seq, prev
-        _resolve(batch, list(range(first, seq + 1)))
-        if cp is not None:
-            self._checkpoint_stored(cp)
-        for item in batch:
-            if item.gave_up and item.values[_KIND] == "call.started":
-                started = dict(zip(_STORED, item.values, strict=True))
-                self._queue.put(_Item(_abandoned(started), None, None))
+        return list(range(first, seq + 1)), cp
 
     def _connection(self) -> Any:
         """The writer's own DBAPI connection, kept between batches: a SQLAlchemy transaction
@@ -388,11 +460,14 @@ class SqlAuditLog:
 
     # -- checkpoints ------------------------------------------------------------------------
 
-    def _sign_if_due(self, seq: int, head_hash: str) -> dict[str, Any] | None:
-        """The checkpoint a batch ending at ``seq`` carries, if one is due."""
+    def _checkpoint_due(self, seq: int) -> bool:
         head = self._head
         due = seq - head.checkpointed_seq >= self._every
-        if not due and time.monotonic() - head.checkpointed_at < self._interval:
+        return due or time.monotonic() - head.checkpointed_at >= self._interval
+
+    def _sign_if_due(self, seq: int, head_hash: str) -> dict[str, Any] | None:
+        """The checkpoint a batch ending at ``seq`` carries, if one is due."""
+        if not self._checkpoint_due(seq):
             return None
         return self.keys.signer.checkpoint(self.chain_id, seq, head_hash, db.utcnow())
 
@@ -402,8 +477,9 @@ class SqlAuditLog:
         head.checkpointed_seq, head.checkpointed_at = int(cp["seq"]), time.monotonic()
 
     def _checkpoint_if_idle(self) -> None:
-        if self._head.seq > self._head.checkpointed_seq:
-            self.checkpoint()
+        with self._chain_lock:
+            if self._head.seq > self._head.checkpointed_seq:
+                self.checkpoint()
 
     def checkpoint(self) -> dict[str, Any] | None:
         """Sign the current head; store it in the database and append it to the file."""

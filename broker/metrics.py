@@ -172,9 +172,9 @@ class MeteredAuditLog:
         self.inner = inner
         self._metrics = metrics
 
-    async def append(self, event: AuditEvent) -> int:
+    async def append(self, event: AuditEvent, *, alone: bool = False) -> int:
         try:
-            seq = await self.inner.append(event)
+            seq = await self.inner.append(event, alone=alone)
         except Exception:
             self._metrics.audit(event.kind, ok=False)
             raise

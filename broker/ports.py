@@ -528,8 +528,9 @@ class AuditLog(Protocol):
 
     async def close(self) -> None: ...
 
-    async def append(self, event: AuditEvent) -> int:
-        """Durably store the event and return its seq; raises AuditUnavailable."""
+    async def append(self, event: AuditEvent, *, alone: bool = False) -> int:
+        """Durably store the event and return its seq; raises AuditUnavailable. ``alone``:
+        no other call is in flight, so the log may write on the caller's thread."""
 
     async def query(self, q: AuditQuery) -> tuple[list[dict[str, Any]], str | None]: ...
 

@@ -215,6 +215,7 @@ class Broker:
         # Compiled redaction patterns by secret values: building them was ~10% of a call's
         # CPU, and the values change only when a secret does.
         self._redactors: dict[tuple[str, ...], Redactor] = {}
+        self._in_flight = 0  # invokes under way on this broker; 1: the call is alone
 
     async def start(self) -> None:
         abandoned = await self.audit.start()
@@ -255,12 +256,14 @@ class Broker:
         ) as span:
             # The audit record carries the trace: the caller's, else this broker's new one.
             call.trace_id = span.trace_id or req.trace_id
+            self._in_flight += 1
             try:
                 result = await self._invoke(call)
             except Exception as exc:
                 self._account(call, span, exc)
                 raise
             finally:
+                self._in_flight -= 1
                 self.metrics.stage("total", time.perf_counter() - started)
             self._account(call, span, result)
             return result
@@ -405,7 +408,7 @@ class Broker:
     async def _record_or_refuse(self, call: Call, event: AuditEvent) -> None:
         try:
             with self._stage("audit", audit_kind=event.kind):
-                await self.audit.append(event)
+                await self.audit.append(event, alone=self._in_flight == 1)
         except errors.AuditUnavailable as exc:
             exc.call_id = call.call_id
             log.error("audit unavailable: call %s refused, nothing executed", call.call_id)
@@ -545,7 +548,7 @@ class Broker:
         call.finishing = True
         try:
             with self._stage("audit", audit_kind=event.kind):
-                await self.audit.append(event)
+                await self.audit.append(event, alone=self._in_flight == 1)
         except errors.AuditUnavailable as exc:
             exc.call_id = call.call_id
             exc.message = "the call ran but its outcome could not be recorded"

@@ -81,6 +81,15 @@ def verify(openbao: DevVault, where: tuple[str, Path]) -> dict[str, Any]:
         rb.close()
 
 
+def hold_audit_table(conn: sa.Connection) -> None:
+    """Another client holds the audit table: writes hang, as on a stuck disk or database."""
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("BEGIN EXCLUSIVE")
+    else:
+        conn.exec_driver_sql("BEGIN")
+        conn.exec_driver_sql("LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE")
+
+
 def checkpoint_seqs(data: Path) -> list[int]:
     [file] = (data / "audit-checkpoints").glob("*.jsonl")
     return sorted(json.loads(line)["seq"] for line in file.read_text().splitlines())
@@ -401,12 +410,7 @@ def test_hung_audit_store_is_503_within_the_timeout_and_not_ready(
         token = rb.agent("eli", ["tester"])
         before = len(upstream.requests)
         with engine.connect() as conn:
-            # Another client holds the audit table: writes hang, as on a stuck disk or database.
-            if engine.dialect.name == "sqlite":
-                conn.exec_driver_sql("BEGIN EXCLUSIVE")
-            else:
-                conn.exec_driver_sql("BEGIN")
-                conn.exec_driver_sql("LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE")
+            hold_audit_table(conn)
             start = time.monotonic()
             r = invoke(rb, token, {"message": "m"})
             took = time.monotonic() - start
@@ -511,3 +515,149 @@ def test_database_down_mid_run_is_503_and_nothing_executed(
         assert rb.http().get("/readyz").status_code == 503
     finally:
         rb.close()
+
+
+# -- a lone call writes its own record ---------------------------------------------------------
+
+
+def _log(engine: sa.Engine, tmp_path: Path, **kw: Any) -> SqlAuditLog:
+    return SqlAuditLog(
+        engine, keys=AuditKeys(tmp_path / "sign.pem", tmp_path / "hmac.json"),
+        checkpoint_dir=tmp_path / "audit-checkpoints", chain_id="lone", **kw,
+    )  # fmt: skip
+
+
+def _finished_at_once(log: SqlAuditLog, event: AuditEvent) -> int | None:
+    """The seq if a lone append completed without ever waiting (no other thread involved),
+    else None (the coroutine suspended: the record went down the queue)."""
+    coro = log.append(event, alone=True)
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return int(done.value)
+    coro.close()  # the queued record is written anyway; nobody waits for it here
+    return None
+
+
+def test_lone_appends_skip_the_writer_on_sqlite_only_and_share_one_chain(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A lone record on an idle SQLite writer is durable before append returns, without a hand
+    over to the writer thread; PostgreSQL always queues. Lone and queued records interleave
+    in one chain that verifies, with no gap and no seq twice."""
+    engine = make_engine(database_url)
+    migrate(engine)
+    log = _log(engine, tmp_path, checkpoint_interval=3600)  # no time-due checkpoint
+    sqlite = engine.dialect.name == "sqlite"
+
+    async def scenario() -> dict[str, Any]:
+        await log.start()
+        seqs: list[int] = []
+        for round_ in range(20):
+            at_once = _finished_at_once(log, AuditEvent(kind="call.started", call_id=f"l{round_}"))
+            assert (at_once is not None) is sqlite
+            if at_once is not None:
+                seqs.append(at_once)
+                assert stored_kinds(database_url)[at_once] == "call.started"  # durable already
+            burst = [AuditEvent(kind="call.finished", call_id=f"q{round_}.{i}") for i in range(5)]
+            lone = [log.append(e, alone=True) for e in burst[:2]]
+            seqs += await asyncio.gather(*(log.append(e) for e in burst[2:]), *lone)
+        await asyncio.sleep(0.2)  # the queued records of PostgreSQL's coroutines that closed
+        await log.close()
+        return await log.verify()
+
+    try:
+        report = asyncio.run(scenario())
+    finally:
+        engine.dispose()
+    assert report["ok"] is True
+    assert len(seqs_stored := sorted(stored_kinds(database_url))) == report["checked"] == 120
+    assert seqs_stored == list(range(1, 121))
+
+
+def stored_kinds(url: str) -> dict[int, str]:
+    return {r["seq"]: r["kind"] for r in rows(url)}
+
+
+def test_lone_append_on_a_locked_store_never_holds_the_event_loop(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Another client holds the audit table: the lone append gives up on writing itself at
+    once and waits on the queue like any other, so the event loop keeps running while it
+    times out with AuditUnavailable; once the lock goes, lone records are written again."""
+    engine = make_engine(database_url)
+    migrate(engine)
+    log = _log(engine, tmp_path, timeout=1.0)
+    locker = sa.create_engine(database_url)
+    gaps: list[float] = []
+
+    async def ticker(stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+        while not stop.is_set():
+            await asyncio.sleep(0.01)
+            gaps.append(loop.time() - last)
+            last = loop.time()
+
+    async def scenario() -> dict[str, Any]:
+        await log.start()
+        assert await log.append(AuditEvent(kind="call.started"), alone=True) == 1
+        with locker.connect() as conn:
+            hold_audit_table(conn)
+            stop = asyncio.Event()
+            ticking = asyncio.create_task(ticker(stop))
+            await asyncio.sleep(0.05)  # ticking before the append starts
+            with pytest.raises(AuditUnavailable):
+                await log.append(AuditEvent(kind="call.started", call_id="held"), alone=True)
+            stop.set()
+            await ticking
+            conn.rollback()
+        for _ in range(100):  # the writer gets its batch through once the lock is gone
+            if await log.ready():
+                break
+            await asyncio.sleep(0.05)
+        seq = await log.append(AuditEvent(kind="call.finished"), alone=True)
+        await log.close()
+        assert seq >= 2
+        return await log.verify()
+
+    try:
+        report = asyncio.run(scenario())
+    finally:
+        locker.dispose()
+        engine.dispose()
+    assert report["ok"] is True
+    assert max(gaps) < 0.3, f"the event loop stood still for {max(gaps):.3f} s"
+    kinds = stored_kinds(database_url)
+    # The held record landed late (after its caller gave up) and was closed as abandoned.
+    assert (
+        list(kinds.values()).count("call.abandoned")
+        == list(kinds.values()).count("call.started") - 1
+    )
+
+
+def test_a_due_checkpoint_sends_the_lone_record_to_the_writer(tmp_path: Path) -> None:
+    """Signing and the checkpoint file stay on the writer thread: a lone record that makes a
+    checkpoint due is queued, and the checkpoint rides in its batch."""
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    engine = make_engine(url)
+    migrate(engine)
+    log = _log(engine, tmp_path, checkpoint_every=3)
+
+    async def scenario() -> list[int | None]:
+        await log.start()
+        got = []
+        for i in range(7):
+            seq = _finished_at_once(log, AuditEvent(kind="call.started", call_id=f"c{i}"))
+            if seq is None:
+                await asyncio.sleep(0.2)  # the queued record lands
+            got.append(seq)
+        await log.close()
+        return got
+
+    try:
+        got = asyncio.run(scenario())
+    finally:
+        engine.dispose()
+    assert got == [1, 2, None, 4, 5, None, 7]
+    assert checkpoint_seqs(tmp_path)[:2] == [3, 6]
