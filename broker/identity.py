@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +21,7 @@ from sqlalchemy import Engine, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from broker import db
+from broker.cache import LookupCache
 from broker.errors import Conflict
 from broker.ports import AgentRecord, Grant
 
@@ -44,13 +44,14 @@ class SqlDirectory:
 
     def __init__(self, engine: Engine, *, token_cache_ttl: float = 1.0) -> None:
         self._engine = engine
-        self._ttl = token_cache_ttl
-        self._tokens: dict[str, tuple[tuple[AgentRecord, str], float]] = {}
-        self._generation = 0  # bumped by every change: a lookup begun before it is not cached
+        # Only live tokens are kept: random guesses must not fill the cache.
+        self._tokens: LookupCache[str, tuple[AgentRecord, str] | None] = LookupCache(
+            self._lookup_token, ttl=token_cache_ttl, max_size=TOKEN_CACHE_MAX,
+            keep=lambda found: found is not None,
+        )  # fmt: skip
 
     def _changed(self) -> None:
-        self._generation += 1
-        self._tokens.clear()
+        self._tokens.forget()
 
     # -- agents ---------------------------------------------------------------------------
 
@@ -177,18 +178,10 @@ class SqlDirectory:
 
     async def find_token(self, token: str) -> tuple[AgentRecord, str] | None:
         """The live token's agent (its token list left empty) and token id, or None."""
-        token_hash = hash_token(token)
-        hit = self._tokens.get(token_hash)
-        if hit is not None and hit[1] > time.monotonic():
-            return hit[0]
-        generation = self._generation
-        found = await db.run(self._find_token, token_hash)
-        # Only live tokens are kept: random guesses must not fill the cache.
-        if found is not None and self._ttl > 0 and generation == self._generation:
-            if len(self._tokens) > TOKEN_CACHE_MAX:
-                self._tokens.clear()
-            self._tokens[token_hash] = (found, time.monotonic() + self._ttl)
-        return found
+        return await self._tokens.get(hash_token(token))
+
+    async def _lookup_token(self, token_hash: str) -> tuple[AgentRecord, str] | None:
+        return await db.run(self._find_token, token_hash)
 
     def _find_token(self, token_hash: str) -> tuple[AgentRecord, str] | None:
         t, a = db.tokens, db.agents

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import builtins
 import json
-import time
 
 from sqlalchemy import Engine, delete, insert, select, update
 
 from broker import db
+from broker.cache import LookupCache
 from broker.capabilities import Capability
 
 CACHE_MAX = 10_000
@@ -25,9 +25,10 @@ class SqlCapabilityRegistry:
 
     def __init__(self, engine: Engine, *, cache_ttl: float = 1.0) -> None:
         self._engine = engine
-        self._ttl = cache_ttl
-        self._cache: dict[str, tuple[Capability | None, float]] = {}
-        self._generation = 0  # bumped by every change: a read begun before it is not cached
+        # Unknown names are kept too (as None): CACHE_MAX bounds them.
+        self._cache: LookupCache[str, Capability | None] = LookupCache(
+            self._lookup, ttl=cache_ttl, max_size=CACHE_MAX
+        )
 
     async def put(self, cap: Capability) -> Capability:
         try:
@@ -65,20 +66,13 @@ class SqlCapabilityRegistry:
             return stored
 
     async def get(self, name: str) -> Capability | None:
-        hit = self._cache.get(name)
-        if hit is not None and hit[1] > time.monotonic():
-            return hit[0]
-        generation = self._generation
-        cap = await db.run(self._get, name)
-        if self._ttl > 0 and generation == self._generation:
-            if len(self._cache) > CACHE_MAX:  # unknown names must not grow it without bound
-                self._cache.clear()
-            self._cache[name] = (cap, time.monotonic() + self._ttl)
-        return cap
+        return await self._cache.get(name)
+
+    async def _lookup(self, name: str) -> Capability | None:
+        return await db.run(self._get, name)
 
     def _forget(self, name: str) -> None:
-        self._generation += 1
-        self._cache.pop(name, None)
+        self._cache.forget(name)
 
     def _get(self, name: str) -> Capability | None:
         with self._engine.connect() as conn:
