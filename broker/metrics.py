@@ -14,12 +14,15 @@ no secret, no path.
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge
+from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
 
 from broker.ports import AuditEvent, AuditLog, AuditQuery, Metrics
 
@@ -76,13 +79,8 @@ class PrometheusMetrics:
             ["capability", "decision", "outcome", "code"],
             registry=r,
         )
-        self._stages = Histogram(
-            "broker_stage_duration_seconds",
-            "Time spent per pipeline stage (total: the whole invoke).",
-            ["stage"],
-            buckets=BUCKETS,
-            registry=r,
-        )
+        self._stages = _StageTimes()
+        r.register(self._stages)
         self._cache = Counter(
             "broker_secret_cache_lookups",
             "Secret reads by cache result: hit, miss (read from Vault), shared (joined a read"
@@ -116,10 +114,8 @@ class PrometheusMetrics:
         )
         # Known series exist from the start, so rates and absent-series alerts work at once.
         # labels() costs a lock and a tuple hash per use; a call uses ~10: children are kept.
-        self._stage_of = {stage: self._stages.labels(stage) for stage in STAGES}
         self._children: dict[tuple[Any, ...], Any] = {}
-        for result in CACHE_RESULTS:
-            self._cache.labels(result)
+        self._cache_of = {result: self._cache.labels(result) for result in CACHE_RESULTS}
 
     def call(self, capability: str | None, decision: str, outcome: str, code: str) -> None:
         key = ("call", capability, decision, outcome, code)
@@ -134,15 +130,14 @@ class PrometheusMetrics:
         child.inc()
 
     def stage(self, stage: str, seconds: float) -> None:
-        child = self._stage_of.get(stage) or self._stages.labels(OTHER)
-        child.observe(max(seconds, 0.0))
+        self._stages.observe(stage, seconds)
 
     def spend(self, capability: str, cost: float) -> None:
         if cost > 0:
             self._spend.labels(_match(capability, _CAPABILITY)).inc(cost)
 
     def secret_cache(self, result: str) -> None:
-        self._cache.labels(_enum(result, CACHE_RESULTS)).inc()
+        self._cache_of.get(result, self._cache_of["miss"]).inc()
 
     def audit(self, kind: str, *, ok: bool) -> None:
         key = ("audit", kind, ok)
@@ -163,6 +158,47 @@ class PrometheusMetrics:
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _StageTimes(Collector):
+    """broker_stage_duration_seconds, kept as plain counts and exposed at scrape time.
+
+    prometheus_client's Histogram takes a lock per bucket and per sum on every observe; a call
+    observes seven stages, which cost more than its policy decision. Stages are observed on
+    the event loop's thread only (every pipeline stage runs there), so plain integers do.
+    """
+
+    def __init__(self) -> None:
+        names = (*STAGES, OTHER)
+        self._counts = {name: [0] * (len(BUCKETS) + 1) for name in names}  # last: +Inf
+        self._sums = dict.fromkeys(names, 0.0)
+
+    def observe(self, stage: str, seconds: float) -> None:
+        if stage not in self._sums:
+            stage = OTHER
+        seconds = max(seconds, 0.0)
+        self._counts[stage][bisect.bisect_left(BUCKETS, seconds)] += 1
+        self._sums[stage] += seconds
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(
+            "broker_stage_duration_seconds",
+            "Time spent per pipeline stage (total: the whole invoke).",
+            labels=["stage"],
+        )
+        for stage, counts in self._counts.items():
+            if stage == OTHER and not any(counts):
+                continue  # like a labelled Histogram: the series appears once observed
+            cumulative, buckets = 0, []
+            for bound, count in zip((*map(_le, BUCKETS), "+Inf"), counts, strict=True):
+                cumulative += count
+                buckets.append((bound, float(cumulative)))
+            family.add_metric([stage], buckets, self._sums[stage])
+        yield family
+
+
+def _le(bound: float) -> str:
+    return repr(float(bound))
 
 
 class MeteredAuditLog:

@@ -239,3 +239,31 @@ def test_labels_stay_bounded_whatever_the_core_passes() -> None:
         assert raw not in text
     assert "x" * 129 not in text
     assert 'capability="other",code="other",decision="other",outcome="other"' in text
+
+
+def test_stage_histogram_buckets_are_cumulative_and_land_where_prometheus_puts_them() -> None:
+    """The stage histogram is kept as plain counts: the exposition must still be a valid
+    Prometheus histogram, each value in the first bucket whose bound is >= it."""
+    m = PrometheusMetrics()
+    for seconds in (0.0005, 0.0007, 0.001, 0.3, 99.0, -1.0):  # a clock step back counts as 0
+        m.stage("decide", seconds)
+    m.stage("not-a-stage", 0.002)
+    body, _ = m.exposition()
+    samples: Samples = {}
+    for family in text_string_to_metric_families(body.decode()):
+        assert family.name != "broker_stage_duration_seconds" or family.type == "histogram"
+        for s in family.samples:
+            samples[(s.name, frozenset(s.labels.items()))] = s.value
+
+    def bucket(stage: str, le: str) -> float:
+        return value(samples, "broker_stage_duration_seconds_bucket", stage=stage, le=le)
+
+    assert [bucket("decide", le) for le in ("0.0005", "0.001", "0.0025", "0.25", "0.5", "60.0")] == [
+        2, 4, 4, 4, 5, 5,
+    ]  # fmt: skip
+    assert bucket("decide", "+Inf") == stage_count(samples, "decide") == 6
+    assert value(samples, "broker_stage_duration_seconds_sum", stage="decide") == pytest.approx(
+        99.3022
+    )
+    assert bucket("other", "0.0025") == 1 and bucket("other", "0.001") == 0
+    assert stage_count(samples, "total") == 0  # known stages exist at zero
