@@ -325,7 +325,6 @@ class VaultSecretStore:
     async def read(self, mount: str, path: str, key: str) -> SecretValue:
         """The current value of ``key`` at mount/path; raises SecretUnavailable otherwise."""
         try:
-            _check_location(mount, path)
             if self._closed:
                 raise _Unusable(STORE_CLOSED)
             entry = await self._entry(mount, path)
@@ -472,6 +471,8 @@ class VaultSecretStore:
                 # Refresh ahead of expiry so steady traffic never waits for Vault.
                 self._start_load(mount, path)
             return cached
+        # Checked on a miss only: whatever is cached was read from a location that passed.
+        _check_location(mount, path)
         pending, started = self._start_load(mount, path)
         self._metrics.secret_cache("miss" if started else "shared")
         # shield: one caller giving up must not cancel the read the others are waiting on.
