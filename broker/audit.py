@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, and_, insert, select
+from sqlalchemy import Engine, and_, insert, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from broker import chain, db
@@ -517,6 +517,10 @@ class SqlAuditLog:
         for column, value in filters.items():
             if value is not None:
                 stmt = stmt.where(column == value)
+        if q.kind is not None and q.kind not in db.HOT_KINDS:
+            # Restates the partial index's condition, as the same literal text: neither planner
+            # infers it from kind = x, and SQLite matches it only without bound parameters.
+            stmt = stmt.where(text(db.NOT_HOT_KIND))
         if q.since:
             stmt = stmt.where(t.c.time >= q.since)
         if q.until:

@@ -661,3 +661,75 @@ def test_a_due_checkpoint_sends_the_lone_record_to_the_writer(tmp_path: Path) ->
         engine.dispose()
     assert got == [1, 2, None, 4, 5, None, 7]
     assert checkpoint_seqs(tmp_path)[:2] == [3, 6]
+
+
+# -- partial indexes: the bulk of records costs them nothing ------------------------------------
+
+
+def test_queries_for_rare_kinds_and_users_use_their_partial_indexes(
+    database_url: str, tmp_path: Path
+) -> None:
+    """call.started/call.finished records have no `kind` index entry and records without a
+    user no `user_id` one (migration 0005). The audit query still finds every kind and user,
+    and what it sends for a rare kind or a user is a statement the database can answer from
+    the partial index (checked with the database's own EXPLAIN)."""
+    from broker.ports import AuditQuery
+
+    engine = make_engine(database_url)
+    migrate(engine)
+    log = _log(engine, tmp_path)
+    sent: list[tuple[str, Any]] = []
+
+    def capture(_c: Any, _cur: Any, statement: str, params: Any, *_rest: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "audit_events" in statement:
+            sent.append((statement, params))
+
+    sa.event.listen(engine, "before_cursor_execute", capture)
+
+    async def scenario() -> dict[str, list[str]]:
+        await log.start()
+        for i in range(6):
+            await log.append(AuditEvent(kind="call.started", call_id=f"c{i}"))
+            await log.append(AuditEvent(kind="call.finished", call_id=f"c{i}"))
+        await log.append(AuditEvent(kind="call.denied", call_id="d", user_id="u-1"))
+        found = {}
+        for name, q in {
+            "denied": AuditQuery(kind="call.denied"),
+            "finished": AuditQuery(kind="call.finished"),
+            "user": AuditQuery(user="u-1"),
+        }.items():
+            sent.clear()
+            events, _ = await log.query(q)
+            found[name] = [e["call_id"] for e in events]
+            explain_of[name] = sent[-1]
+        await log.close()
+        return found
+
+    explain_of: dict[str, tuple[str, Any]] = {}
+    try:
+        found = asyncio.run(scenario())
+        assert found == {"denied": ["d"], "finished": [f"c{i}" for i in range(6)], "user": ["d"]}
+        for name, index in (
+            ("denied", "ix_audit_events_kind"),
+            ("user", "ix_audit_events_user_id"),
+        ):
+            statement, params = explain_of[name]
+            with engine.connect() as conn:
+                if engine.dialect.name == "sqlite":
+                    plan = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", params).all()
+                else:
+                    conn.exec_driver_sql("SET enable_seqscan = off")  # tiny table: force the choice
+                    conn.exec_driver_sql("SET enable_bitmapscan = off")
+                    plan = conn.exec_driver_sql(f"EXPLAIN {statement}", params).all()
+            assert index in " ".join(str(col) for row in plan for col in row), (name, plan)
+        with engine.connect() as conn:  # and they are partial: hot records are not in them
+            if engine.dialect.name == "sqlite":
+                defs = "SELECT sql FROM sqlite_master WHERE name = :n"
+            else:
+                defs = "SELECT indexdef FROM pg_indexes WHERE indexname = :n"
+            kind_def = conn.execute(sa.text(defs), {"n": "ix_audit_events_kind"}).scalar_one()
+            user_def = conn.execute(sa.text(defs), {"n": "ix_audit_events_user_id"}).scalar_one()
+        assert "call.started" in kind_def and "call.finished" in kind_def
+        assert "WHERE" in kind_def.upper() and "IS NOT NULL" in user_def.upper()
+    finally:
+        engine.dispose()
