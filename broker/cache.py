@@ -10,13 +10,15 @@ things keep the database off the request path of a busy key:
   again before it expires and callers keep hitting.
 
 A local change calls ``forget``: the entry goes and the generation moves on, so a lookup that
-began before the change is returned to its callers but not stored.
+began before the change is returned to the callers that were already waiting for it, but is
+neither stored nor joined by a caller that comes after the change.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import time
 from collections.abc import Awaitable, Callable, Hashable
@@ -57,15 +59,23 @@ class LookupCache(Generic[K, V]):
         if task is None or task.get_loop() is not asyncio.get_running_loop():
             task = self._start(key)
         # Shielded: a caller that goes away (a cancelled request) does not cancel the others'.
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except Exception as exc:
+            # One failed lookup, several waiters: each gets an error of its own (callers set
+            # their call id on it).
+            raise copy.copy(exc).with_traceback(None) from None
 
     def forget(self, key: K | None = None) -> None:
         """Drop one entry (or all): the next get reads storage again."""
         self._generation += 1
+        # A get after the change must not join a lookup that began before it either.
         if key is None:
             self._entries.clear()
+            self._loading.clear()
         else:
             self._entries.pop(key, None)
+            self._loading.pop(key, None)
 
     def _start(self, key: K) -> asyncio.Task[V]:
         task = asyncio.get_running_loop().create_task(self._fetch(key, self._generation))

@@ -5,6 +5,7 @@ through another instance stop working within it)."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from broker.cache import LookupCache
 from broker.capabilities import Capability
 from broker.db import make_engine, migrate
 from broker.identity import SqlDirectory
@@ -120,3 +122,80 @@ def test_a_local_change_is_seen_at_once_even_mid_lookup(engine: sa.Engine) -> No
         return await directory.find_token(token), await directory.find_token(token)
 
     assert asyncio.run(scenario()) == (None, None)
+
+
+def test_a_get_after_forget_does_not_join_a_lookup_begun_before_it() -> None:
+    """Storage changes and forget() is called (as every local change does): a get that starts
+    after that is not answered by the read that began before the change."""
+    store = {"t": "live"}
+    gate = asyncio.Event()
+
+    async def load(key: str) -> str:
+        value = store[key]  # the read happens now ...
+        await gate.wait()  # ... and its answer arrives later (a busy thread pool)
+        return value
+
+    async def scenario() -> tuple[str, str]:
+        cache: LookupCache[str, str] = LookupCache(load, ttl=60.0, max_size=10)
+        before = asyncio.ensure_future(cache.get("t"))
+        for _ in range(3):
+            await asyncio.sleep(0)  # the lookup has read storage and is waiting
+        store["t"] = "revoked"
+        cache.forget("t")
+        after = asyncio.ensure_future(cache.get("t"))
+        await asyncio.sleep(0)
+        gate.set()
+        return await before, await after
+
+    assert asyncio.run(scenario()) == ("live", "revoked")
+
+
+def test_a_token_revoked_here_is_refused_at_once_while_an_older_lookup_is_in_flight(
+    engine: sa.Engine,
+) -> None:
+    """A token lookup has run its SELECT (it saw the token live) and its answer is still on
+    the way back when the token is revoked through this instance: a find_token that starts
+    after the revoke says None, it does not join the older lookup."""
+    directory = SqlDirectory(engine, token_cache_ttl=60.0)
+    gate, hold = threading.Event(), threading.Event()
+
+    def slow_answer(_c: Any, _cur: Any, statement: str, *_rest: Any) -> None:
+        if hold.is_set() and statement.lstrip().upper().startswith("SELECT"):
+            if "tokens" in statement:
+                hold.clear()  # only the first lookup is slow
+                gate.wait(5)
+
+    sa.event.listen(engine, "after_cursor_execute", slow_answer)
+
+    async def scenario() -> tuple[Any, Any]:
+        token_id, token = await _agent_with_token(directory)
+        hold.set()
+        racing = asyncio.ensure_future(directory.find_token(token))
+        await asyncio.sleep(0.1)  # its SELECT has run
+        await directory.revoke_token("ana", token_id)
+        after = asyncio.ensure_future(directory.find_token(token))
+        await asyncio.sleep(0.05)
+        gate.set()
+        return await racing, await after
+
+    racing, after = asyncio.run(scenario())
+    assert racing is not None  # the lookup that began before the revoke saw it live
+    assert after is None, "a token revoked here was accepted after the revoke"
+
+
+def test_waiters_of_a_failed_lookup_each_get_their_own_error() -> None:
+    """The pipeline sets its call id on the error it refuses a call with: two calls that
+    shared one failed lookup must not share one exception object."""
+    from broker import errors
+
+    async def load(_key: str) -> str:
+        await asyncio.sleep(0.01)
+        raise errors.StorageUnavailable("the database is down")
+
+    async def scenario() -> list[BaseException]:
+        cache: LookupCache[str, str] = LookupCache(load, ttl=60.0, max_size=10)
+        return list(await asyncio.gather(cache.get("t"), cache.get("t"), return_exceptions=True))
+
+    a, b = asyncio.run(scenario())
+    assert isinstance(a, errors.StorageUnavailable) and isinstance(b, errors.StorageUnavailable)
+    assert a is not b and a.message == b.message == "the database is down"
