@@ -160,10 +160,10 @@ def test_a_token_revoked_here_is_refused_at_once_while_an_older_lookup_is_in_fli
     gate, hold = threading.Event(), threading.Event()
 
     def slow_answer(_c: Any, _cur: Any, statement: str, *_rest: Any) -> None:
-        if hold.is_set() and statement.lstrip().upper().startswith("SELECT"):
-            if "tokens" in statement:
-                hold.clear()  # only the first lookup is slow
-                gate.wait(5)
+        select = statement.lstrip().upper().startswith("SELECT")
+        if hold.is_set() and select and "tokens" in statement:
+            hold.clear()  # only the first lookup is slow
+            gate.wait(5)
 
     sa.event.listen(engine, "after_cursor_execute", slow_answer)
 
