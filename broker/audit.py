@@ -85,6 +85,11 @@ _KIND = chain.HASHED_FIELDS.index("kind")
 _COPY = f"COPY audit_events ({', '.join(_STORED)}) FROM STDIN"
 _CP_STORED = (*chain.CHECKPOINT_FIELDS, "signature")
 _STOP = object()
+_WAL_CHECKPOINT = object()  # a lone writer asks the writer thread to checkpoint the WAL
+INLINE_CHECKPOINT_EVERY = 100  # lone records (~9 WAL pages each) between WAL checkpoints
+INLINE_WAIT = 0.002  # seconds a lone writer waits for the chain lock before it queues
+INLINE_SLOW = 0.05  # seconds: a lone commit slower than this pauses lone writes ...
+INLINE_PAUSE = 60.0  # ... for this long
 # Event ids need uniqueness, not secrecy. os.urandom is a syscall that drops the GIL, and on
 # the request path every reacquisition contends with the writer thread (measured: ~40 us).
 _ids = random.Random(os.urandom(32))  # noqa: S311
@@ -126,6 +131,8 @@ class SqlAuditLog:
         # that may hang, which must never hold the event loop.
         self._inline = inline and engine.dialect.name == "sqlite"
         self._inline_raw: Any = None  # the inline path's own connection (busy_timeout 0)
+        self._inline_since_checkpoint = 0
+        self._inline_off_until = 0.0  # monotonic: lone writes pause after a slow commit
         self._chain_lock = threading.Lock()  # held by whoever is moving the chain head
         self.keys = keys
         self.chain_id = chain_id
@@ -175,19 +182,26 @@ class SqlAuditLog:
         """Stop the writer after it wrote what is queued, then sign the head."""
         if self._thread is None:
             return
+        # No lone write from here on: nothing may land after the head the writer signs last.
+        with self._chain_lock:
+            raw, self._inline_raw = self._inline_raw, None
         self._queue.put(_STOP)
         await asyncio.to_thread(self._thread.join, 30)
         self._thread = None
-        raw, self._inline_raw = self._inline_raw, None
         if raw is not None:
-            with self._chain_lock, contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):
                 raw.close()
 
     def _inline_connection(self) -> Any:
         raw = self._engine.raw_connection()
+        # Out of the pool for good: its settings must never reach another user of the engine.
+        raw.detach()
         cur = raw.cursor()
         # A locked database must not hold the event loop: give up at once and queue.
         cur.execute("PRAGMA busy_timeout=0")
+        # WAL checkpoints (a write and fsync of the database file) run on the writer thread,
+        # asked for every INLINE_CHECKPOINT_EVERY lone records (_ask_wal_checkpoint).
+        cur.execute("PRAGMA wal_autocheckpoint=0")
         cur.close()
         return raw
 
@@ -303,53 +317,121 @@ class SqlAuditLog:
             except queue.Empty:
                 self._checkpoint_if_idle()
                 continue
-            batch, stop = self._drain(first)
+            batch, stop, wal = self._drain(first)
             if batch:
                 self._write(batch)
+            if wal:
+                self._wal_checkpoint()
             if stop:
                 self._checkpoint_if_idle()
                 return
 
-    def _drain(self, first: Any) -> tuple[list[_Item], bool]:
-        items, stop = [first], False
+    def _drain(self, first: Any) -> tuple[list[_Item], bool, bool]:
+        """The records queued (up to max_batch), whether to stop, whether a WAL checkpoint
+        was asked for."""
+        items = [first]
         while len(items) < self._max_batch:
             try:
                 items.append(self._queue.get_nowait())
             except queue.Empty:
                 break
-        if any(i is _STOP for i in items):
-            stop = True
-            items = [i for i in items if i is not _STOP]
+        stop = any(i is _STOP for i in items)
+        wal = any(i is _WAL_CHECKPOINT for i in items)
         # A caller that already answered 503 must not find its call.started written later.
-        return [i for i in items if not i.gave_up], stop
+        return [i for i in items if isinstance(i, _Item) and not i.gave_up], stop, wal
+
+    def _wal_checkpoint(self) -> None:
+        """Copy the WAL into the database file, for the lone records (their connection does
+        not checkpoint). Under the chain lock, so that no lone record is written meanwhile:
+        a complete checkpoint lets the next commit start the WAL over (an overwrite, whose
+        fsync costs half that of a growing file)."""
+        with self._chain_lock:
+            try:
+                cur = self._connection().cursor()
+                try:
+                    cur.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                finally:
+                    cur.close()
+            except Exception as exc:  # the next write finds out what is wrong, if anything
+                log.warning("WAL checkpoint failed (%s)", type(exc).__name__)
 
     def _write_inline(self, values: list[Any]) -> int | None:
         """Write one record on the caller's thread if the writer is idle; its seq, or None
-        (nothing written: the caller queues it). Never waits for a lock."""
-        if not self._queue.empty() or not self._chain_lock.acquire(blocking=False):
+        (nothing written: the caller queues it). Waits at most INLINE_WAIT for the chain lock
+        (the writer may be finishing a WAL checkpoint: waiting for it here is ~0.25 ms
+        shorter than the queue's two hand-overs), never for a database lock."""
+        if not self._queue.empty() or not self._chain_lock.acquire(timeout=INLINE_WAIT):
             return None
         try:
-            head = self._head
-            if not self._healthy or self._checkpoint_due(head.seq + 1):
-                return None  # the writer signs checkpoints and handles failures
-            raw = self._inline_raw
+            head, raw = self._head, self._inline_raw
+            if raw is None or not self._healthy or self._checkpoint_due(head.seq + 1):
+                return None  # closing, or the writer's job: failures and signed checkpoints
+            if time.monotonic() < self._inline_off_until:
+                return None
             row = [*values]  # the queue path gets the values untouched if this fails
             seq, prev = self._link([row])
-            try:
-                cur = raw.cursor()
-                try:
-                    self._insert(cur, [row])
-                finally:
-                    cur.close()
-                raw.commit()
-            except Exception:
-                with contextlib.suppress(Exception):
-                    raw.rollback()
+            started = time.monotonic()
+            if not self._commit_inline(raw, row, seq, prev):
                 return None
             head.seq, head.hash = seq, prev
+            self._after_inline(time.monotonic() - started)
             return seq
         finally:
             self._chain_lock.release()
+
+    def _commit_inline(self, raw: Any, row: list[Any], seq: int, prev: str) -> bool:
+        """Insert and commit one linked row; False if it is surely not stored."""
+        try:
+            cur = raw.cursor()
+            try:
+                self._insert(cur, [row])
+            finally:
+                cur.close()
+        except Exception:
+            with contextlib.suppress(Exception):
+                raw.rollback()
+            return False
+        try:
+            raw.commit()
+        except Exception:
+            # A failed COMMIT may still have stored the row (an I/O error is "may or may not
+            # have committed"): queuing it again would put its seq in twice and fail the
+            # writer's whole batch. Look before saying it is not there.
+            with contextlib.suppress(Exception):
+                raw.rollback()
+            return self._stored_as(raw, seq, prev)
+        return True
+
+    def _stored_as(self, raw: Any, seq: int, record_hash: str) -> bool:
+        try:
+            cur = raw.cursor()
+            try:
+                cur.execute(
+                    "SELECT hash FROM audit_events WHERE chain_id = ? AND seq = ?",
+                    (self.chain_id, seq),
+                )
+                found = cur.fetchone()
+            finally:
+                cur.close()
+        except Exception:
+            return False  # unreadable too: the writer's path finds out and reloads its head
+        return found is not None and found[0] == record_hash
+
+    def _after_inline(self, took: float) -> None:
+        """Every so many lone records, ask the writer for a WAL checkpoint; after a slow
+        commit, queue records for a while (the disk may be failing, and a lone write holds
+        the event loop while it lasts)."""
+        self._inline_since_checkpoint += 1
+        if self._inline_since_checkpoint >= INLINE_CHECKPOINT_EVERY:
+            self._inline_since_checkpoint = 0
+            self._queue.put(_WAL_CHECKPOINT)
+        if took > INLINE_SLOW:
+            self._inline_off_until = time.monotonic() + INLINE_PAUSE
+            log.warning(
+                "a lone audit commit took %.0f ms: queuing records for %.0f s",
+                took * 1000,
+                INLINE_PAUSE,
+            )
 
     def _link(self, rows: list[list[Any]]) -> tuple[int, str]:
         """Give each row its seq, prev_hash and hash after the head; the new (seq, hash)."""

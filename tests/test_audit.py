@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import itertools
 import json
+import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -733,3 +735,166 @@ def test_queries_for_rare_kinds_and_users_use_their_partial_indexes(
         assert "WHERE" in kind_def.upper() and "IS NOT NULL" in user_def.upper()
     finally:
         engine.dispose()
+
+
+class _FaultyConnection:
+    """The lone path's DBAPI connection with its commit replaced: a fault no real SQLite file
+    produces on demand (an fsync that stalls, a COMMIT that reports an I/O error after the
+    row landed). Everything else is the real connection."""
+
+    def __init__(self, raw: Any, commit: Any) -> None:
+        self.raw, self.commit = raw, commit
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw, name)
+
+
+def test_the_lone_path_connection_never_returns_to_the_pool(tmp_path: Path) -> None:
+    """Its busy_timeout is 0: a pooled connection with it would make the next user of the
+    engine (directory, registry, a restarted log) fail at once on a lock instead of waiting."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'a.db'}")
+    migrate(engine)
+    log = _log(engine, tmp_path)
+
+    async def scenario() -> None:
+        await log.start()
+        assert _finished_at_once(log, AuditEvent(kind="call.started")) == 1
+        await log.close()
+
+    asyncio.run(scenario())
+    pooled = [engine.raw_connection() for _ in range(engine.pool.checkedin())]  # type: ignore[attr-defined]
+    try:
+        timeouts = [c.cursor().execute("PRAGMA busy_timeout").fetchone()[0] for c in pooled]
+    finally:
+        for c in pooled:
+            c.close()
+        engine.dispose()
+    assert timeouts and 0 not in timeouts
+
+
+def test_a_commit_that_fails_after_the_row_landed_is_not_refused(tmp_path: Path) -> None:
+    """COMMIT reports an I/O error but the row is stored ("may or may not have committed"):
+    the lone path looks, finds its own hash at its seq and answers that seq. Queuing it again
+    would have put the seq in twice and refused the writer's whole batch."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'a.db'}")
+    migrate(engine)
+    log = _log(engine, tmp_path, checkpoint_interval=3600)
+
+    async def scenario() -> tuple[int, int]:
+        await log.start()
+        raw = log._inline_raw
+
+        def commit_then_fail() -> None:
+            raw.commit()
+            raise sqlite3.OperationalError("disk I/O error")
+
+        log._inline_raw = _FaultyConnection(raw, commit_then_fail)
+        first = await log.append(AuditEvent(kind="call.started", call_id="c1"), alone=True)
+        log._inline_raw = raw
+        second = await log.append(AuditEvent(kind="call.started", call_id="c2"))
+        await log.close()
+        return first, second
+
+    try:
+        first, second = asyncio.run(scenario())
+        report = asyncio.run(log.verify())
+    finally:
+        engine.dispose()
+    kinds = {r["call_id"]: r["seq"] for r in rows(f"sqlite:///{tmp_path / 'a.db'}")}
+    assert (first, second) == (kinds["c1"], kinds["c2"]) == (1, 2)
+    assert report["ok"] is True
+
+
+def test_a_slow_lone_commit_sends_records_to_the_queue_for_a_while(tmp_path: Path) -> None:
+    """A lone commit holds the event loop while it lasts: after one that took longer than
+    INLINE_SLOW (a failing disk), records go down the queue (where audit_timeout bounds the
+    wait) instead of holding the loop again."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'a.db'}")
+    migrate(engine)
+    log = _log(engine, tmp_path, checkpoint_interval=3600)
+
+    async def scenario() -> list[int | None]:
+        await log.start()
+        raw = log._inline_raw
+
+        def slow_commit() -> None:
+            time.sleep(audit.INLINE_SLOW * 2)
+            raw.commit()
+
+        log._inline_raw = _FaultyConnection(raw, slow_commit)
+        got = [_finished_at_once(log, AuditEvent(kind="call.started", call_id="slow"))]
+        log._inline_raw = raw
+        for i in range(3):
+            got.append(_finished_at_once(log, AuditEvent(kind="call.started", call_id=f"c{i}")))
+            await asyncio.sleep(0.1)  # the queued record lands
+        await log.close()
+        return got
+
+    try:
+        got = asyncio.run(scenario())
+        report = asyncio.run(log.verify())
+    finally:
+        engine.dispose()
+    assert got == [1, None, None, None]
+    assert report["ok"] is True and report["checked"] == 4
+
+
+def test_no_lone_record_lands_after_the_head_close_signs(tmp_path: Path) -> None:
+    """close() takes the lone path away before the writer drains and signs the head: an
+    append that comes during close is queued (written in the writer's last batch if it makes
+    it, else it times out), never written after the last signed checkpoint."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'a.db'}")
+    migrate(engine)
+    log = _log(engine, tmp_path, checkpoint_interval=3600, timeout=0.5)
+
+    async def scenario() -> int | None:
+        await log.start()
+        assert _finished_at_once(log, AuditEvent(kind="call.started", call_id="c1")) == 1
+        closing = asyncio.create_task(log.close())
+        await asyncio.sleep(0)  # close() has begun
+        late = _finished_at_once(log, AuditEvent(kind="call.finished", call_id="c1"))
+        await closing
+        return late
+
+    try:
+        late = asyncio.run(scenario())
+        url = f"sqlite:///{tmp_path / 'a.db'}"
+        with sa.create_engine(url).connect() as conn:
+            signed = conn.exec_driver_sql("SELECT max(seq) FROM audit_checkpoints").scalar()
+    finally:
+        engine.dispose()
+    assert late is None  # not written on the caller's thread
+    # Written with the writer's last batch (then covered by the head it signs), or not at all.
+    assert max(r["seq"] for r in rows(url)) == signed
+
+
+def test_lone_records_get_their_wal_checkpointed_by_the_writer(tmp_path: Path) -> None:
+    """The lone path's connection does not checkpoint (that writes and fsyncs the database
+    file); it asks the writer every INLINE_CHECKPOINT_EVERY records, so the WAL keeps being
+    started over instead of growing with every record."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'a.db'}")
+    migrate(engine)
+    log = _log(engine, tmp_path, checkpoint_interval=3600, checkpoint_every=10**6)
+    n = audit.INLINE_CHECKPOINT_EVERY * 5
+
+    async def scenario() -> int:
+        await log.start()
+        lone = 0
+        for i in range(n):
+            seq = _finished_at_once(log, AuditEvent(kind="call.started", call_id=f"c{i}"))
+            if seq is None:
+                await asyncio.sleep(0.01)  # queued behind a WAL checkpoint
+            else:
+                lone += 1
+        await log.close()
+        return lone
+
+    try:
+        lone = asyncio.run(scenario())
+        wal = (tmp_path / "a.db-wal").stat().st_size
+    finally:
+        engine.dispose()
+    assert lone >= n * 0.9
+    # ~9 pages a record: without checkpoints the WAL would hold every record's pages.
+    pages_per_record = 8
+    assert wal < audit.INLINE_CHECKPOINT_EVERY * 3 * pages_per_record * 4096 < n * 8 * 4096
