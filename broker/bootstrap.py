@@ -136,6 +136,7 @@ def _audit_log(engine: Engine, settings: Settings) -> SqlAuditLog:
         timeout=settings.audit_timeout,
         checkpoint_every=settings.audit_checkpoint_every,
         checkpoint_interval=settings.audit_checkpoint_interval,
+        inline=settings.audit_inline,
     )
 
 

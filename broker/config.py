@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     audit_checkpoint_dir: Path | None = None  # default: <data_dir>/audit-checkpoints
     audit_checkpoint_every: int = Field(default=1000, gt=0)  # records
     audit_checkpoint_interval: float = Field(default=10.0, gt=0)  # seconds
+    # SQLite: a call alone in flight writes its own audit records (audit.py); off where an
+    # fsync may hang (a network file system), so that only the writer thread ever waits on one.
+    audit_inline: bool = True
     idempotency_retention: float = Field(default=86400.0, gt=0)  # seconds a key is remembered
     approval_ttl: float = Field(default=3600.0, gt=0)  # seconds before a pending approval expires
     # Circuit breaker per upstream host:port (breaker.py) and retries of idempotent capabilities

@@ -898,3 +898,25 @@ def test_lone_records_get_their_wal_checkpointed_by_the_writer(tmp_path: Path) -
     # ~9 pages a record: without checkpoints the WAL would hold every record's pages.
     pages_per_record = 8
     assert wal < audit.INLINE_CHECKPOINT_EVERY * 3 * pages_per_record * 4096 < n * 8 * 4096
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_broker_audit_inline_decides_whether_a_lone_call_writes_its_own_records(
+    openbao: DevVault, database_url: str, tmp_path: Path, inline: bool
+) -> None:
+    """BROKER_AUDIT_INLINE=false (a disk whose fsync may hang) leaves every write to the
+    writer thread; the default lets a lone record on SQLite skip it. The log verifies."""
+    rb = start_broker(openbao, database_url, tmp_path / "data", audit_inline=inline)
+    try:
+        sql_log = rb.broker.audit.inner  # type: ignore[attr-defined]
+
+        async def lone() -> int | None:
+            seq = _finished_at_once(sql_log, AuditEvent(kind="call.started", call_id="c1"))
+            await asyncio.sleep(0.2)  # a queued record lands meanwhile
+            return seq
+
+        seq = asyncio.run(lone())
+        assert (seq is not None) is (inline and database_url.startswith("sqlite"))
+        assert rb.admin.verify_audit()["ok"] is True
+    finally:
+        rb.close()
