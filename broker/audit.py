@@ -132,6 +132,7 @@ class SqlAuditLog:
         self._inline = inline and engine.dialect.name == "sqlite"
         self._inline_raw: Any = None  # the inline path's own connection (busy_timeout 0)
         self._inline_since_checkpoint = 0
+        self._closing = False
         self._inline_off_until = 0.0  # monotonic: lone writes pause after a slow commit
         self._chain_lock = threading.Lock()  # held by whoever is moving the chain head
         self.keys = keys
@@ -182,15 +183,21 @@ class SqlAuditLog:
         """Stop the writer after it wrote what is queued, then sign the head."""
         if self._thread is None:
             return
-        # No lone write from here on: nothing may land after the head the writer signs last.
-        with self._chain_lock:
-            raw, self._inline_raw = self._inline_raw, None
+        # No lone write starts from here on (checked under the chain lock, which the writer
+        # takes to sign its last head): nothing may land after that head.
+        self._closing = True
         self._queue.put(_STOP)
         await asyncio.to_thread(self._thread.join, 30)
         self._thread = None
+        raw = await asyncio.to_thread(self._take_inline_connection)  # the lock, off the loop
         if raw is not None:
             with contextlib.suppress(Exception):
                 raw.close()
+
+    def _take_inline_connection(self) -> Any:
+        with self._chain_lock:
+            raw, self._inline_raw = self._inline_raw, None
+        return raw
 
     def _inline_connection(self) -> Any:
         raw = self._engine.raw_connection()
@@ -364,9 +371,10 @@ class SqlAuditLog:
             return None
         try:
             head, raw = self._head, self._inline_raw
-            if raw is None or not self._healthy or self._checkpoint_due(head.seq + 1):
-                return None  # closing, or the writer's job: failures and signed checkpoints
-            if time.monotonic() < self._inline_off_until:
+            # Closing, or the writer's job (failures, signed checkpoints), or a slow disk.
+            if raw is None or self._closing or not self._healthy:
+                return None
+            if self._checkpoint_due(head.seq + 1) or time.monotonic() < self._inline_off_until:
                 return None
             row = [*values]  # the queue path gets the values untouched if this fails
             seq, prev = self._link([row])
