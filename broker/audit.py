@@ -207,7 +207,7 @@ class SqlAuditLog:
         # A locked database must not hold the event loop: give up at once and queue.
         cur.execute("PRAGMA busy_timeout=0")
         # WAL checkpoints (a write and fsync of the database file) run on the writer thread,
-        # asked for every INLINE_CHECKPOINT_EVERY lone records (_ask_wal_checkpoint).
+        # asked for every INLINE_CHECKPOINT_EVERY lone records (_after_inline).
         cur.execute("PRAGMA wal_autocheckpoint=0")
         cur.close()
         return raw
@@ -249,7 +249,7 @@ class SqlAuditLog:
         if not self._running:
             raise AuditUnavailable("the audit writer is not running")
         values = self._prepare(event)
-        if alone and self._inline_raw is not None and self._healthy:
+        if alone and self._inline_raw is not None:
             seq = self._write_inline(values)
             if seq is not None:
                 return seq

@@ -94,13 +94,13 @@ class LookupCache(Generic[K, V]):
         finally:
             if self._loading.get(key) is asyncio.current_task():
                 del self._loading[key]
-        if generation == self._generation and self._keep(value):
+        if not self._keep(value):
+            self._entries.pop(key, None)  # e.g. a token found revoked by a refresh
+        elif generation == self._generation:
             if len(self._entries) >= self._max and key not in self._entries:
                 self._entries.clear()  # keys from clients: never an unbounded dict
             refresh_at = read_at + self._ttl * REFRESH_AT
             self._entries[key] = (value, refresh_at, read_at + self._ttl)
-        elif not self._keep(value):
-            self._entries.pop(key, None)  # e.g. a token found revoked by a refresh
         return value
 
 

@@ -137,7 +137,8 @@ class PrometheusMetrics:
             self._spend.labels(_match(capability, _CAPABILITY)).inc(cost)
 
     def secret_cache(self, result: str) -> None:
-        self._cache_of.get(result, self._cache_of["miss"]).inc()
+        child = self._cache_of.get(result)
+        (child or self._cache.labels(OTHER)).inc()
 
     def audit(self, kind: str, *, ok: bool) -> None:
         key = ("audit", kind, ok)

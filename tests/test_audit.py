@@ -529,6 +529,13 @@ def _log(engine: sa.Engine, tmp_path: Path, **kw: Any) -> SqlAuditLog:
     )  # fmt: skip
 
 
+def _sqlite_engine(tmp_path: Path) -> sa.Engine:
+    """A migrated SQLite file (tmp_path/a.db): the lone path exists on SQLite only."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'a.db'}")
+    migrate(engine)
+    return engine
+
+
 def _finished_at_once(log: SqlAuditLog, event: AuditEvent) -> int | None:
     """The seq if a lone append completed without ever waiting (no other thread involved),
     else None (the coroutine suspended: the record went down the queue)."""
@@ -641,9 +648,7 @@ def test_lone_append_on_a_locked_store_never_holds_the_event_loop(
 def test_a_due_checkpoint_sends_the_lone_record_to_the_writer(tmp_path: Path) -> None:
     """Signing and the checkpoint file stay on the writer thread: a lone record that makes a
     checkpoint due is queued, and the checkpoint rides in its batch."""
-    url = f"sqlite:///{tmp_path / 'a.db'}"
-    engine = make_engine(url)
-    migrate(engine)
+    engine = _sqlite_engine(tmp_path)
     log = _log(engine, tmp_path, checkpoint_every=3)
 
     async def scenario() -> list[int | None]:
@@ -752,8 +757,7 @@ class _FaultyConnection:
 def test_the_lone_path_connection_never_returns_to_the_pool(tmp_path: Path) -> None:
     """Its busy_timeout is 0: a pooled connection with it would make the next user of the
     engine (directory, registry, a restarted log) fail at once on a lock instead of waiting."""
-    engine = make_engine(f"sqlite:///{tmp_path / 'a.db'}")
-    migrate(engine)
+    engine = _sqlite_engine(tmp_path)
     log = _log(engine, tmp_path)
 
     async def scenario() -> None:
@@ -776,8 +780,7 @@ def test_a_commit_that_fails_after_the_row_landed_is_not_refused(tmp_path: Path)
     """COMMIT reports an I/O error but the row is stored ("may or may not have committed"):
     the lone path looks, finds its own hash at its seq and answers that seq. Queuing it again
     would have put the seq in twice and refused the writer's whole batch."""
-    engine = make_engine(f"sqlite:///{tmp_path / 'a.db'}")
-    migrate(engine)
+    engine = _sqlite_engine(tmp_path)
     log = _log(engine, tmp_path, checkpoint_interval=3600)
 
     async def scenario() -> tuple[int, int]:
@@ -800,7 +803,7 @@ def test_a_commit_that_fails_after_the_row_landed_is_not_refused(tmp_path: Path)
         report = asyncio.run(log.verify())
     finally:
         engine.dispose()
-    kinds = {r["call_id"]: r["seq"] for r in rows(f"sqlite:///{tmp_path / 'a.db'}")}
+    kinds = {r["call_id"]: r["seq"] for r in rows(str(engine.url))}
     assert (first, second) == (kinds["c1"], kinds["c2"]) == (1, 2)
     assert report["ok"] is True
 
@@ -809,8 +812,7 @@ def test_a_slow_lone_commit_sends_records_to_the_queue_for_a_while(tmp_path: Pat
     """A lone commit holds the event loop while it lasts: after one that took longer than
     INLINE_SLOW (a failing disk), records go down the queue (where audit_timeout bounds the
     wait) instead of holding the loop again."""
-    engine = make_engine(f"sqlite:///{tmp_path / 'a.db'}")
-    migrate(engine)
+    engine = _sqlite_engine(tmp_path)
     log = _log(engine, tmp_path, checkpoint_interval=3600)
 
     async def scenario() -> list[int | None]:
@@ -843,8 +845,7 @@ def test_no_lone_record_lands_after_the_head_close_signs(tmp_path: Path) -> None
     """close() takes the lone path away before the writer drains and signs the head: an
     append that comes during close is queued (written in the writer's last batch if it makes
     it, else it times out), never written after the last signed checkpoint."""
-    engine = make_engine(f"sqlite:///{tmp_path / 'a.db'}")
-    migrate(engine)
+    engine = _sqlite_engine(tmp_path)
     log = _log(engine, tmp_path, checkpoint_interval=3600, timeout=0.5)
 
     async def scenario() -> int | None:
@@ -858,7 +859,7 @@ def test_no_lone_record_lands_after_the_head_close_signs(tmp_path: Path) -> None
 
     try:
         late = asyncio.run(scenario())
-        url = f"sqlite:///{tmp_path / 'a.db'}"
+        url = str(engine.url)
         with sa.create_engine(url).connect() as conn:
             signed = conn.exec_driver_sql("SELECT max(seq) FROM audit_checkpoints").scalar()
     finally:
@@ -872,8 +873,7 @@ def test_lone_records_get_their_wal_checkpointed_by_the_writer(tmp_path: Path) -
     """The lone path's connection does not checkpoint (that writes and fsyncs the database
     file); it asks the writer every INLINE_CHECKPOINT_EVERY records, so the WAL keeps being
     started over instead of growing with every record."""
-    engine = make_engine(f"sqlite:///{tmp_path / 'a.db'}")
-    migrate(engine)
+    engine = _sqlite_engine(tmp_path)
     log = _log(engine, tmp_path, checkpoint_interval=3600, checkpoint_every=10**6)
     n = audit.INLINE_CHECKPOINT_EVERY * 5
 
