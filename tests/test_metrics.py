@@ -50,7 +50,7 @@ def setup(running_broker: RunningBroker, upstream: RunningUpstream) -> RunningBr
 
 def invoke(rb: RunningBroker, token: str | None, name: str = "test.echo") -> Any:
     return rb.http(token).post(
-        f"/v1/capabilities/{name}/invoke", json={"args": {"message": ARG, "count": 4242}}
+        f"/v1/capabilities/{name}/invoke", json={"args": {"message": ARG, "count": 918273645}}
     )
 
 
@@ -158,7 +158,7 @@ def test_counters_follow_allowed_denied_refused_and_failed_calls(
 
     # Nothing the caller chose, no secret, no argument, no agent id, no token.
     assert "made-up-by-the-caller" not in text
-    for leak in (SECRET, ARG, "4242", "tests/absent", "alice", "bob", tester, rb.admin_token):
+    for leak in (SECRET, ARG, "918273645", "tests/absent", "alice", "bob", tester, rb.admin_token):
         for form in secret_forms(leak):
             assert form not in text, f"{form!r} appeared in /metrics"
 
