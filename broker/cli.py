@@ -149,16 +149,14 @@ def uses_client(fn: Callable[..., None]) -> Callable[..., None]:
 @cli.command(short_help="Run the broker (settings from BROKER_*).")
 def serve() -> None:
     """Run the broker with settings from BROKER_* environment variables."""
-    import uvicorn
-
     from broker.api import create_app
-    from broker.demo import check_manifests, configure_logging
+    from broker.demo import check_manifests, configure_logging, run_server
 
     settings, broker = _build_from_env()
     check_manifests(settings.capabilities_dir)  # a bad manifest names its file, not a trace
     configure_logging(settings.log_level)
     app = create_app(broker, max_request_bytes=settings.max_request_bytes)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    run_server(app, host=settings.host, port=settings.port, log_level=settings.log_level)
 
 
 def _build_from_env() -> tuple[Settings, Broker]:

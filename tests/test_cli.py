@@ -28,7 +28,7 @@ from click.testing import CliRunner, Result
 from broker.cli import cli, table
 from broker.client import BrokerClient
 from broker.demo import ServerThread, demo_upstream, dev_admin_token
-from broker.devserver import free_port
+from broker.devserver import DevVault, free_port
 from broker.errors import Unauthenticated
 from tests.support.brokers import RunningBroker
 from tests.support.upstreams import RunningUpstream
@@ -408,3 +408,47 @@ def test_broker_dev_serves_the_examples_and_stops_on_ctrl_c(
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 0, lines.rest()
     assert "stopped." in lines.rest()
+
+
+def test_broker_serve_trusts_no_forwarded_header_and_names_no_server(
+    openbao: DevVault, tmp_path: Path
+) -> None:
+    """A caller on loopback cannot make the access log name another client address, and no
+    answer says what software serves it."""
+    port = free_port()
+    env = _env(
+        BROKER_PORT=str(port),
+        BROKER_DATA_DIR=str(tmp_path / "data"),
+        BROKER_VAULT_ADDR=openbao.addr,
+        BROKER_VAULT_TOKEN=openbao.root_token,
+        BROKER_LOG_LEVEL="info",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "broker.cli", "serve"],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    lines = _Lines(proc)
+    try:
+        lines.until("Uvicorn running")
+        forged = {"X-Forwarded-For": "10.9.9.9", "X-Forwarded-Proto": "https"}
+        url = f"http://127.0.0.1:{port}"
+        answers = [
+            httpx.get(f"{url}/healthz", headers=forged, timeout=10),
+            httpx.post(f"{url}/v1/capabilities/x.y/invoke", json={"args": {}}, headers=forged),
+        ]
+        assert [r.status_code for r in answers] == [200, 401]
+        assert all("server" not in r.headers for r in answers)
+        lines.until('"GET /healthz HTTP/1.1" 200')
+        lines.until('"POST /v1/capabilities/x.y/invoke HTTP/1.1" 401')
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        output = lines.rest()
+        assert proc.stdout is not None
+        proc.stdout.close()
+    access = [line for line in output.splitlines() if "HTTP/1.1" in line]
+    assert len(access) == 2 and all("127.0.0.1:" in line for line in access), output
+    assert "10.9.9.9" not in output
