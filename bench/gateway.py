@@ -10,7 +10,8 @@ broker, at concurrency 1 and 16, with a closed-loop load generator (each worker 
 request when the last answer arrived, over one keep-alive connection). It prints p50/p99 latency
 and calls/s per target, the broker's added latency over the direct call and its throughput
 relative to the proxy, and how many Vault requests the broker made in the steady state. With
---micro it also runs bench/policy.py and bench/audit.py (decision and audit micro-benchmarks).
+--micro it also runs bench/policy.py, audit.py and shape.py (decision, audit and answer-shaping
+micro-benchmarks).
 Results go to a JSON file as well.
 
     python bench/gateway.py [--seconds 2] [--rounds 3] [--json bench-results.json] [--micro]
@@ -428,9 +429,10 @@ def summarise(rows: list[dict[str, Any]], levels: list[int]) -> dict[str, float]
 
 
 def micro() -> dict[str, Any]:
-    """The decision and audit micro-benchmarks (their last line is JSON)."""
+    """The decision, audit and answer-shaping micro-benchmarks (their last line is JSON)."""
     out: dict[str, Any] = {}
-    for name, args in (("policy", ["--decisions", "5000", "--repeats", "3"]), ("audit", [])):
+    runs = (("policy", ["--decisions", "5000", "--repeats", "3"]), ("audit", []), ("shape", []))
+    for name, args in runs:
         done = subprocess.run(
             [sys.executable, str(HERE / f"{name}.py"), *args],
             capture_output=True,
@@ -466,7 +468,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", default="1,16")
     parser.add_argument("--json", default="bench-results.json")
-    parser.add_argument("--micro", action="store_true", help="also run bench/policy.py, audit.py")
+    micro_help = "also run bench/policy.py, audit.py, shape.py"
+    parser.add_argument("--micro", action="store_true", help=micro_help)
     parser.add_argument("--profile", help="py-spy the broker at the top concurrency into FILE")
     parser.add_argument("--serve", nargs=3, metavar=("KIND", "PORT", "UPSTREAM"))
     options = parser.parse_args()

@@ -56,7 +56,7 @@ from broker.ports import (
     Upstream,
     UpstreamResponse,
 )
-from broker.redaction import Redactor
+from broker.redaction import Redactor, TooDeep
 from broker.render import render
 
 if TYPE_CHECKING:
@@ -70,6 +70,9 @@ NOT_SENT = (errors.SecretUnavailable, errors.EgressDenied, errors.UpstreamUnavai
 SAFE_PATH_VALUE = re.compile(r"^[A-Za-z0-9_.@-]+$")
 IDEMPOTENCY_KEY_MAX = 255
 HEADER_TOKEN = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+# A JSON escape of a UTF-16 surrogate (U+D800-U+DFFF), the one source of a lone surrogate in
+# an upstream's decoded answer.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 REDACTOR_CACHE_SIZE = 256
 
 
@@ -831,23 +834,35 @@ def fingerprint(args: Any) -> str:
 
 def shape(cap: Capability, response: UpstreamResponse, redactor: Redactor) -> tuple[str, Any, int]:
     """(status, result, upstream_status): declared fields only, every secret redacted."""
-    body: Any = _decode(response)
+    text = _clean(response.body.decode(_charset(response.content_type), errors="replace"))
+    body: Any = _decode(response.content_type, text)
     if cap.result.fields is not None:
         # Only declared fields reach the agent, whatever the status or the body's shape.
         body = {f: _pick(body, f) for f in cap.result.fields} if isinstance(body, dict) else None
     status = "succeeded" if 200 <= response.status < 300 else "upstream_error"
-    return status, redactor.redact(body), response.status
+    try:
+        result = redactor.redact(body)
+    except TooDeep:
+        # JSON too deep to walk comes back as text (redacted as text), never as a failed
+        # call: the upstream has already acted. Declared fields cannot be picked from it.
+        result = None if cap.result.fields is not None else redactor.redact_text(text)
+    return status, result, response.status
 
 
-def _decode(response: UpstreamResponse) -> Any:
-    text = _clean(response.body.decode(_charset(response.content_type), errors="replace"))
-    if "json" in response.content_type.lower() or text[:1] in ("{", "["):
+def _decode(content_type: str, text: str) -> Any:
+    if "json" in content_type.lower() or text[:1] in ("{", "["):
         try:
-            # The walk also bounds the depth that the redactor will recurse through: JSON too
-            # deep for it comes back as text (redacted as text), never as a failed call.
-            return _clean(json.loads(text))
+            value = json.loads(text)
         except (ValueError, RecursionError):
-            pass
+            return text
+        # The text was decoded with replacement, so a lone surrogate can only come from a JSON
+        # escape; only then is the parsed value walked to replace it.
+        if _SURROGATE_ESCAPE.search(text) is None:
+            return value
+        try:
+            return _clean(value)
+        except RecursionError:
+            return text
     return text
 
 
