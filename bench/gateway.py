@@ -15,6 +15,10 @@ micro-benchmarks).
 Results go to a JSON file as well.
 
     python bench/gateway.py [--seconds 2] [--rounds 3] [--json bench-results.json] [--micro]
+                            [--answer-items N]
+
+The upstream answers 27 bytes unless --answer-items N makes it answer N issue-like JSON objects
+(~0.9 KB each): the proxy passes an answer through, the broker decodes and redacts it.
 """
 
 from __future__ import annotations
@@ -46,15 +50,31 @@ BODY = b'{"ok":true,"items":[1,2,3]}'
 # --- the two reference servers (run in child processes) -----------------------------------
 
 
-async def upstream_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """The minimal upstream: a small JSON answer, whatever the request."""
-    if scope["type"] == "lifespan":
-        await _lifespan(receive, send)
-        return
-    await _drain(receive)
-    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(BODY))]
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
-    await send({"type": "http.response.body", "body": BODY})
+def upstream_app(body: bytes) -> Callable[..., Awaitable[None]]:
+    """The minimal upstream: the same JSON answer, whatever the request."""
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        await _drain(receive)
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+def answer_body(items: int) -> bytes:
+    """27 bytes, or a JSON array of ``items`` issue-like objects (~0.9 KB each, bench/shape.py)."""
+    if items <= 0:
+        return BODY
+    import random
+
+    from shape import item  # beside this file, so on sys.path when it runs as a script
+
+    rng = random.Random(1)
+    return json.dumps([item(i, rng) for i in range(items)]).encode()
 
 
 def proxy_app(upstream: str) -> Callable[..., Awaitable[None]]:
@@ -99,7 +119,10 @@ async def _lifespan(receive: Any, send: Any, state: dict[str, Any] | None = None
 def serve(kind: str, port: int, upstream: str) -> None:
     import uvicorn
 
-    app = upstream_app if kind == "upstream" else proxy_app(upstream)
+    if kind == "upstream":
+        app = upstream_app(answer_body(int(os.environ.get("BENCH_ANSWER_ITEMS", "0"))))
+    else:
+        app = proxy_app(upstream)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
@@ -303,7 +326,8 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
         try:
             up_port, proxy_port = free_port(), free_port()
             upstream = f"http://127.0.0.1:{up_port}/"
-            procs.append(spawn([__file__, "--serve", "upstream", str(up_port), upstream]))
+            answer = {**os.environ, "BENCH_ANSWER_ITEMS": str(options.answer_items)}
+            procs.append(spawn([__file__, "--serve", "upstream", str(up_port), upstream], answer))
             procs.append(spawn([__file__, "--serve", "proxy", str(proxy_port), upstream]))
             wait_ready(upstream)
             wait_ready(f"http://127.0.0.1:{proxy_port}/")
@@ -458,6 +482,7 @@ def print_table(result: dict[str, Any]) -> None:
     for key in ("vault_reads_warm_up", "vault_reads_steady_state", "calls_waiting_for_vault"):
         print(f"{key:38} {result[key]:8}")
     print(f"{'errors':38} {result['errors']}")
+    print(f"{'upstream answer bytes':38} {result['answer_bytes']:8}")
     for level, by in result["broker_stage_ms"].items():
         print(f"broker stages at c={level} (ms):", ", ".join(f"{k} {v}" for k, v in by.items()))
 
@@ -471,6 +496,12 @@ def main() -> None:
     micro_help = "also run bench/policy.py, audit.py, shape.py"
     parser.add_argument("--micro", action="store_true", help=micro_help)
     parser.add_argument("--profile", help="py-spy the broker at the top concurrency into FILE")
+    parser.add_argument(
+        "--answer-items",
+        type=int,
+        default=0,
+        help="the upstream answers N issue-like JSON objects (~0.9 KB each) instead of 27 bytes",
+    )
     parser.add_argument("--serve", nargs=3, metavar=("KIND", "PORT", "UPSTREAM"))
     options = parser.parse_args()
     if options.serve:
@@ -479,6 +510,7 @@ def main() -> None:
         return
     options.concurrency = [int(c) for c in options.concurrency.split(",")]
     result = run(options)
+    result["answer_bytes"] = len(answer_body(options.answer_items))
     if options.micro:
         result["micro"] = micro()
     print_table(result)
