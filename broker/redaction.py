@@ -28,11 +28,13 @@ PLACEHOLDER = "[REDACTED]"
 # Below this length the inner part of an embedded base64 form is a handful of characters that
 # would match ordinary text far too often; such secrets are still redacted in their other forms.
 MIN_EMBEDDED_LEN = 4
-# Containers nested deeper than this are not walked (TooDeep): the walk that rebuilds a
+# Containers nested deeper than this are not rebuilt (TooDeep): the walk that rebuilds a
 # structure recurses, and an answer encoded deeper would fail orjson (255 levels) anyway.
 MAX_DEPTH = 250
-# Joins the strings of a structure for the whole check: a newline ends every escape and
-# reference the decodings know (html.unescape stops a name at it), and none of them makes one.
+# Joins the strings of a structure for the whole check. No escape or reference that the
+# decodings know spans a newline (html.unescape stops a name at it, a percent or \u escape
+# needs hex digits), so each step decodes the text on either side of one exactly as it decodes
+# that text alone; a secret found across a newline only costs the walk.
 _SEPARATOR = "\n"
 
 
@@ -64,7 +66,12 @@ class Redactor:
         """Does a secret appear once the text is decoded the ways upstreams encode things?"""
         if not any(c in s for c in "%&\\\0+"):
             return False
-        decoded = _decodings(s, plus=self._spaced)
+        try:
+            decoded = _decodings(s, plus=self._spaced)
+        except ValueError:
+            # html.unescape refuses a numeric reference of over 4,300 digits: a text that
+            # cannot be decoded cannot be shown to be clean.
+            return True
         return any(v in text for text in decoded for v in self._values)
 
     def redact_bytes(self, b: bytes) -> bytes:
@@ -78,7 +85,7 @@ class Redactor:
     def redact(self, obj: Any) -> Any:
         """Redact strings anywhere in a JSON-like structure, dict keys included; ``obj``
         itself when nothing in it needs redacting. Raises TooDeep (nothing is walked then)."""
-        strings = _strings(obj)
+        strings = _strings(obj, MAX_DEPTH)
         if strings is None:
             return self._redact(obj)  # bytes or tuples inside: the plain walk
         if not self._text:
@@ -87,9 +94,23 @@ class Redactor:
             joined = _SEPARATOR.join(strings)
         except TypeError:  # a key that is not a string: not JSON, so the plain walk
             return self._redact(obj)
-        if self._text.search(joined) is None and not self._hidden_in(joined):
-            return obj
-        return self._redact(obj)
+        return self._redact(obj) if self._hit(joined) else obj
+
+    def holds_secret(self, obj: Any) -> bool:
+        """Would redact() change any string of ``obj``, however deep? Without a walk that
+        recurses, so it answers for a structure too deep to redact (conservative: a secret
+        across two strings counts, and so does anything that is not JSON)."""
+        if not self._text:
+            return False
+        strings = _strings(obj, None)
+        if strings is None or not all(isinstance(s, str) for s in strings):
+            return True
+        return self._hit(_SEPARATOR.join(strings))
+
+    def _hit(self, text: str) -> bool:
+        return self._text is not None and (
+            self._text.search(text) is not None or self._hidden_in(text)
+        )
 
     def _redact(self, obj: Any) -> Any:
         if isinstance(obj, str):
@@ -105,9 +126,9 @@ class Redactor:
         return obj
 
 
-def _strings(obj: Any) -> list[str] | None:
+def _strings(obj: Any, limit: int | None) -> list[str] | None:
     """Every string in a JSON structure, dict keys included, without recursion; None when it
-    holds something JSON does not (bytes, tuples). Raises TooDeep past MAX_DEPTH."""
+    holds something JSON does not (bytes, tuples). Raises TooDeep past ``limit`` levels."""
     found: list[str] = []
     stack: list[tuple[Any, int]] = [(obj, 0)]
     while stack:
@@ -124,8 +145,8 @@ def _strings(obj: Any) -> list[str] | None:
             return None
         else:
             continue
-        if depth >= MAX_DEPTH:
-            raise TooDeep(f"containers nested over {MAX_DEPTH} deep")
+        if limit is not None and depth >= limit:
+            raise TooDeep(f"containers nested over {limit} deep")
         for value in values:
             if isinstance(value, str):
                 found.append(value)

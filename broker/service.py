@@ -836,17 +836,27 @@ def shape(cap: Capability, response: UpstreamResponse, redactor: Redactor) -> tu
     """(status, result, upstream_status): declared fields only, every secret redacted."""
     text = _clean(response.body.decode(_charset(response.content_type), errors="replace"))
     body: Any = _decode(response.content_type, text)
-    if cap.result.fields is not None:
-        # Only declared fields reach the agent, whatever the status or the body's shape.
-        body = {f: _pick(body, f) for f in cap.result.fields} if isinstance(body, dict) else None
     status = "succeeded" if 200 <= response.status < 300 else "upstream_error"
+    if cap.result.fields is None:
+        return status, _redacted(redactor, body, text), response.status
+    # Only declared fields reach the agent, whatever the status or the body's shape.
+    if not isinstance(body, dict):
+        return status, None, response.status
+    picked = {f: _redacted(redactor, _pick(body, f), None) for f in cap.result.fields}
+    return status, {redactor.redact_text(f): v for f, v in picked.items()}, response.status
+
+
+def _redacted(redactor: Redactor, value: Any, text: str | None) -> Any:
+    """``value`` redacted. JSON nested too deep to rebuild never fails the call (the upstream
+    has acted): with a secret anywhere in it, none of it is returned; else it comes back as
+    its text, redacted as text (which also finds a secret that spans JSON syntax), or, for a
+    declared field, as null."""
     try:
-        result = redactor.redact(body)
+        return redactor.redact(value)
     except TooDeep:
-        # JSON too deep to walk comes back as text (redacted as text), never as a failed
-        # call: the upstream has already acted. Declared fields cannot be picked from it.
-        result = None if cap.result.fields is not None else redactor.redact_text(text)
-    return status, result, response.status
+        if redactor.holds_secret(value):
+            return redactor.placeholder
+        return redactor.redact_text(text) if text is not None else None
 
 
 def _decode(content_type: str, text: str) -> Any:

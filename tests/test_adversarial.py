@@ -833,3 +833,66 @@ def test_upstream_json_too_deep_to_walk_comes_back_as_redacted_text(escape: str)
     status, result, upstream_status = shape(cap, response, Redactor(["s3cr3t-value"]))
     assert (status, upstream_status) == ("succeeded", 200)
     assert isinstance(result, str) and "s3cr3t-value" not in result and "[REDACTED]" in result
+
+
+def _shaped(body: str, fields: list[str] | None = None, secret: str = "tok_SECRET123") -> Any:
+    from broker.capabilities import Capability
+    from broker.ports import UpstreamResponse
+    from broker.redaction import Redactor
+    from broker.service import shape
+
+    spec: dict[str, Any] = {"name": "t.shape", "http": {"url": "http://127.0.0.1:1/"}}
+    if fields is not None:
+        spec["result"] = {"fields": fields}
+    response = UpstreamResponse(200, (("content-type", "application/json"),), body.encode())
+    status, result, _ = shape(Capability.model_validate(spec), response, Redactor([secret]))
+    assert status == "succeeded"
+    return result
+
+
+@pytest.mark.parametrize(
+    ("inner", "secret"),
+    [
+        # Go's \u0026 escape of '&' around HTML numeric references: text redaction runs the
+        # HTML step before the JSON one, so only the parsed strings show the secret.
+        ('"' + "".join(f"\\u0026#{ord(c)};" for c in "tok_SECRET123") + '"', "tok_SECRET123"),
+        # JSON inside JSON: the secret's quote is escaped twice in the text.
+        (json.dumps({"payload": json.dumps({"token": 'p"w0rd-XYZ'})}), 'p"w0rd-XYZ'),
+        (json.dumps({"payload": json.dumps({"token": "C:\\key-XYZ"})}), "C:\\key-XYZ"),
+    ],
+)
+def test_too_deep_json_holding_a_secret_is_withheld_whole(inner: str, secret: str) -> None:
+    """Past the depth the redactor rebuilds, the parsed strings are still checked: an answer
+    with a secret anywhere in it comes back as the placeholder alone."""
+    for depth in (10, 300):
+        result = _shaped("[" * depth + inner + "]" * depth, secret=secret)
+        assert secret not in json.dumps(result) and secret not in str(result)
+        assert "[REDACTED]" in json.dumps(result)
+    assert _shaped("[" * 300 + inner + "]" * 300, secret=secret) == "[REDACTED]"
+
+
+def test_too_deep_json_without_a_secret_comes_back_as_its_text() -> None:
+    body = "[" * 300 + '"fine"' + "]" * 300
+    assert _shaped(body) == body
+    nested = "[" * 250 + '"fine"' + "]" * 250  # at the limit: still a structure
+    assert json.dumps(_shaped(nested), separators=(",", ":")) == nested
+
+
+def test_a_declared_field_too_deep_is_null_and_the_others_stay() -> None:
+    deep = "[" * 300 + '"fine"' + "]" * 300
+    leaky = "[" * 300 + '"tok_SECRET123"' + "]" * 300
+    body = f'{{"a": {deep}, "b": "ok", "c": {leaky}, "d": "x tok_SECRET123"}}'
+    result = _shaped(body, fields=["a", "b", "c", "d"])
+    assert result == {"a": None, "b": "ok", "c": "[REDACTED]", "d": "x [REDACTED]"}
+
+
+def test_a_numeric_reference_too_long_to_decode_is_redacted_not_a_failure() -> None:
+    # html.unescape raises ValueError past 4,300 digits; the string cannot be shown clean.
+    huge = "&#" + "1" * 5000 + ";"
+    assert _shaped(json.dumps({"a": huge, "b": "ok"})) == {"a": "[REDACTED]", "b": "ok"}
+
+
+def test_only_a_surrogate_escape_costs_the_cleaning_walk() -> None:
+    # A lone surrogate cannot be encoded as UTF-8: the cleaning walk makes it a '?'.
+    assert _shaped('{"a": "x\\ud800y", "b": ["\\u00e9"]}') == {"a": "x?y", "b": ["\u00e9"]}
+    assert _shaped('{"a": "\\\\ud800"}') == {"a": "\\ud800"}  # an escaped backslash, no escape
