@@ -14,6 +14,8 @@ import json
 import logging
 import re
 import socket
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -221,6 +223,11 @@ class Hostile:
     async def r_redirect307(self, scope: Scope, receive: Receive, send: Send, cred: str) -> None:
         to = parse_qs(scope.get("query_string", b"").decode()).get("to", ["/"])[-1]
         await _send(send, 307, b"", "text/plain", [(b"location", to.encode())])
+
+    async def r_ampbomb(self, scope: Scope, receive: Receive, send: Send, cred: str) -> None:
+        # ~4 MB that every decoding check has to walk '&' by '&', then the credential.
+        body = {"junk": "&a" * 2_000_000, "token": html.escape(cred)}
+        await _send(send, 200, json.dumps(body).encode(), "application/json")
 
     async def r_hang(self, scope: Scope, receive: Receive, send: Send, cred: str) -> None:
         # Accept the request, never answer; stop when the client goes away (at most 20 s).
@@ -776,6 +783,39 @@ def test_lone_surrogate_in_the_upstream_json_does_not_break_the_answer(
     finished = env.rb.audit(capability=name, kind="call.finished")
     assert finished
     assert finished[-1]["status"] == ("succeeded" if r.status_code == 200 else "failed")
+
+
+def test_a_huge_answer_does_not_hold_the_broker_while_it_is_checked(
+    env: Env, hostile: HostileServer
+) -> None:
+    """Checking ~4 MB of '&a' for hidden secrets takes a while; meanwhile the broker keeps
+    answering. Self-calibrating: the slowest health check during the call must be far
+    shorter than the call (shaped on the event loop, it waited for nearly all of it)."""
+    name = put(env, "adv.ampbomb", f"{hostile.url}/ampbomb")
+    done: dict[str, Any] = {}
+
+    def call() -> None:
+        started = time.perf_counter()
+        done["response"] = invoke(env.rb, env.token, name)
+        done["seconds"] = time.perf_counter() - started
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    while len(hostile.app.seen) == 0:  # the broker has sent the request
+        time.sleep(0.005)
+    waits = []
+    with env.rb.http() as http:
+        while caller.is_alive():
+            started = time.perf_counter()
+            assert http.get("/healthz").status_code == 200
+            waits.append(time.perf_counter() - started)
+            time.sleep(0.01)
+    caller.join()
+    r = done["response"]
+    assert r.status_code == 200, r.text
+    assert r.json()["result"]["token"] == "[REDACTED]"
+    assert SECRET not in r.text and html.escape(SECRET) not in r.text
+    assert len(waits) >= 3 and max(waits) < done["seconds"] / 3, (max(waits), done["seconds"])
 
 
 def test_declared_rate_limit_is_enforced(env: Env, hostile: HostileServer) -> None:
