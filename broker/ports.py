@@ -458,7 +458,9 @@ class Budgets(Protocol):
         self, call_id: str, agent_id: str, task_id: str | None, amount: float
     ) -> BudgetHold:
         """Hold ``amount`` against the agent's and the task's budgets, both or none; raises
-        BudgetExhausted. Nothing is held when ``amount`` is 0 or no budget applies."""
+        BudgetExhausted. Nothing is held when ``amount`` is 0 or no budget applies. A caller
+        cancelled while the hold is being written leaves nothing held: the hold is refunded
+        once it lands."""
 
     async def settle(self, hold: BudgetHold, cost: float | None) -> None:
         """Turn the hold into spend of ``cost``; ``None`` (nothing executed) refunds it."""

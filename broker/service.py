@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import contextlib
 import hashlib
 import itertools
 import json
@@ -444,11 +443,10 @@ class Broker:
         """Hold the call's bounded cost against its agent's and task's budgets (402 when short)."""
         assert call.cap is not None and call.principal is not None
         amount = call.cap.limits.reservation()
-        pending = self.budgets.reserve(
-            call.call_id, call.principal.agent_id, call.request.task_id, amount
-        )
         try:
-            call.hold = await (pending if amount <= 0 else _refunded_if_cancelled(self, pending))
+            call.hold = await self.budgets.reserve(
+                call.call_id, call.principal.agent_id, call.request.task_id, amount
+            )
         except BrokerError as exc:
             await self._refuse(call, exc)
             raise
@@ -706,19 +704,6 @@ class Broker:
             if missing is not None:
                 raise missing from None
             raise
-
-
-async def _refunded_if_cancelled(broker: Broker, pending: Awaitable[BudgetHold]) -> BudgetHold:
-    """The hold; if the caller is cancelled (kill switch, shutdown) while the reservation's
-    transaction runs on in its thread, the hold is refunded once it lands instead of staying
-    held until the next start."""
-    task = asyncio.ensure_future(pending)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            await broker.budgets.settle(await task, None)
-        raise
 
 
 class _Stage:
