@@ -15,10 +15,11 @@ micro-benchmarks).
 Results go to a JSON file as well.
 
     python bench/gateway.py [--seconds 2] [--rounds 3] [--json bench-results.json] [--micro]
-                            [--answer-items N]
+                            [--answer-items N] [--cost C]
 
 The upstream answers 27 bytes unless --answer-items N makes it answer N issue-like JSON objects
-(~0.9 KB each): the proxy passes an answer through, the broker decodes and redacts it.
+(~0.9 KB each): the proxy passes an answer through, the broker decodes and redacts it. --cost C
+gives the capability a cost (with no budget set), the path of most paid calls.
 """
 
 from __future__ import annotations
@@ -282,7 +283,9 @@ def percentile(samples: list[float], p: float) -> float:
 # --- the run --------------------------------------------------------------------------------
 
 
-def start_broker(tmp: Path, vault_addr: str, vault_token: str, upstream: str) -> tuple[Any, str]:
+def start_broker(
+    tmp: Path, vault_addr: str, vault_token: str, upstream: str, cost: float = 0
+) -> tuple[Any, str]:
     from broker.client import BrokerClient
 
     port, admin = free_port(), "adm_" + secrets.token_urlsafe(16)
@@ -309,6 +312,7 @@ def start_broker(tmp: Path, vault_addr: str, vault_token: str, upstream: str) ->
                     "url": upstream,
                     "headers": {"Authorization": "Bearer {secrets.t}"},
                 },
+                "limits": {"cost": cost},
             }
         )
         client.add_policy("role:bench", "bench.*")
@@ -333,7 +337,9 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
             wait_ready(f"http://127.0.0.1:{proxy_port}/")
             write_secrets(vault.addr, vault.root_token, {"bench": {"token": SECRET}})
             counter = VaultCounter(vault.addr).start()
-            proc, where = start_broker(tmp, counter.addr, vault.root_token, upstream)
+            proc, where = start_broker(
+                tmp, counter.addr, vault.root_token, upstream, cost=options.cost
+            )
             procs.append(proc)
             broker_url, token = where.split("|")
             invoke = b'{"args":{}}'
@@ -501,6 +507,12 @@ def main() -> None:
         type=int,
         default=0,
         help="the upstream answers N issue-like JSON objects (~0.9 KB each) instead of 27 bytes",
+    )
+    parser.add_argument(
+        "--cost",
+        type=float,
+        default=0,
+        help="the capability's limits.cost (no budget is set: the path of a paid call without one)",
     )
     parser.add_argument("--serve", nargs=3, metavar=("KIND", "PORT", "UPSTREAM"))
     options = parser.parse_args()
