@@ -184,18 +184,17 @@ class SqlBudgets:
         return await db.run(self._any_budget, _subjects(*key))
 
     def _any_budget(self, subjects: Sequence[tuple[str, str]]) -> bool:
-        b = db.budgets
-        wanted = or_(*(and_(b.c.scope == s, b.c.subject == x) for s, x in subjects))
+        found = select(db.budgets.c.scope).where(_budgets_of(subjects)).limit(1)
         with self._engine.connect() as conn:
-            return conn.execute(select(b.c.scope).where(wanted).limit(1)).first() is not None
+            return conn.execute(found).first() is not None
 
     def _reserve(
         self, call_id: str, subjects: Sequence[tuple[str, str]], amount: float
     ) -> BudgetHold:
         b, now = db.budgets, self._clock()
-        wanted = or_(*(and_(b.c.scope == s, b.c.subject == x) for s, x in subjects))
         with self._engine.connect() as conn:
-            found = {(r.scope, r.subject): r for r in conn.execute(select(b).where(wanted))}
+            rows = conn.execute(select(b).where(_budgets_of(subjects)))
+            found = {(r.scope, r.subject): r for r in rows}
         if not found:
             return BudgetHold(call_id, 0.0)  # no budget applies: nothing to hold, no write
         held: list[str] = []
@@ -282,6 +281,12 @@ async def recover_reservations(budgets: SqlBudgets, audit: AuditLog) -> None:
 def _subjects(agent_id: str, task_id: str | None) -> list[tuple[str, str]]:
     """The budgets a call may hold against, in lock order (agent first)."""
     return [("agent", agent_id)] + ([("task", task_id)] if task_id else [])
+
+
+def _budgets_of(subjects: Sequence[tuple[str, str]]) -> Any:
+    """WHERE: the budget rows of these (scope, subject) pairs."""
+    b = db.budgets
+    return or_(*(and_(b.c.scope == scope, b.c.subject == subject) for scope, subject in subjects))
 
 
 def _usage_key(scope: str, subject: str, period: str, start: str) -> Any:

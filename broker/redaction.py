@@ -85,15 +85,9 @@ class Redactor:
     def redact(self, obj: Any) -> Any:
         """Redact strings anywhere in a JSON-like structure, dict keys included; ``obj``
         itself when nothing in it needs redacting. Raises TooDeep (nothing is walked then)."""
-        strings = _strings(obj, MAX_DEPTH)
-        if strings is None:
-            return self._redact(obj)  # bytes or tuples inside: the plain walk
-        if not self._text:
-            return obj
-        try:
-            joined = _SEPARATOR.join(strings)
-        except TypeError:  # a key that is not a string: not JSON, so the plain walk
-            return self._redact(obj)
+        joined = _joined(obj, MAX_DEPTH)
+        if joined is None:
+            return self._redact(obj)  # not JSON (bytes, tuples, a key that is no string)
         return self._redact(obj) if self._hit(joined) else obj
 
     def holds_secret(self, obj: Any) -> bool:
@@ -102,10 +96,8 @@ class Redactor:
         across two strings counts, and so does anything that is not JSON)."""
         if not self._text:
             return False
-        strings = _strings(obj, None)
-        if strings is None or not all(isinstance(s, str) for s in strings):
-            return True
-        return self._hit(_SEPARATOR.join(strings))
+        joined = _joined(obj, None)
+        return joined is None or self._hit(joined)
 
     def _hit(self, text: str) -> bool:
         return self._text is not None and (
@@ -124,6 +116,18 @@ class Redactor:
         if isinstance(obj, tuple):
             return tuple(self._redact(item) for item in obj)
         return obj
+
+
+def _joined(obj: Any, limit: int | None) -> str | None:
+    """The strings of a JSON structure joined for the whole check; None when it holds
+    something JSON does not. Raises TooDeep past ``limit`` levels."""
+    strings = _strings(obj, limit)
+    if strings is None:
+        return None
+    try:
+        return _SEPARATOR.join(strings)
+    except TypeError:  # a dict key that is not a string
+        return None
 
 
 def _strings(obj: Any, limit: int | None) -> list[str] | None:
