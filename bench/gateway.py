@@ -396,7 +396,7 @@ async def measure(
                 rates.setdefault((t.name, concurrency), []).append(len(lat) / options.seconds)
                 errors[t.name] += err
     lookups = cache_lookups(broker_url)
-    waited = {k: lookups.get(k, 0) - lookups_before.get(k, 0) for k in ("miss", "shared")}
+    delta = {k: lookups.get(k, 0) - lookups_before.get(k, 0) for k in ("miss", "shared", "refresh")}
     rows = []
     for (name, concurrency), lat in samples.items():
         rows.append(
@@ -416,8 +416,10 @@ async def measure(
         "errors": errors,
         # On the wire, every Vault read: the refresh-ahead reads in the background included.
         "vault_reads_steady_state": counter.reads - reads_before,
+        # Of those, the reads the broker started ahead of expiry, which no call waited for.
+        "vault_background_refreshes": int(delta["refresh"]),
         # Calls that waited for Vault (a cache miss, or joined a read in flight): must be 0.
-        "calls_waiting_for_vault": int(waited["miss"] + waited["shared"]),
+        "calls_waiting_for_vault": int(delta["miss"] + delta["shared"]),
         "vault_reads_warm_up": reads_before,  # at least 1: shows the counter sees the reads
         "summary": summarise(rows, options.concurrency),
         # mean wall time per call in each pipeline stage (audit: per record, two a call)
@@ -485,7 +487,8 @@ def print_table(result: dict[str, Any]) -> None:
         )
     for key, value in result["summary"].items():
         print(f"{key:38} {value:8.3f}")
-    for key in ("vault_reads_warm_up", "vault_reads_steady_state", "calls_waiting_for_vault"):
+    vault = ("vault_reads_warm_up", "vault_reads_steady_state", "vault_background_refreshes")
+    for key in (*vault, "calls_waiting_for_vault"):
         print(f"{key:38} {result[key]:8}")
     print(f"{'errors':38} {result['errors']}")
     print(f"{'upstream answer bytes':38} {result['answer_bytes']:8}")

@@ -29,7 +29,7 @@ from broker.ports import AuditEvent, AuditLog, AuditQuery, Metrics
 STAGES = ("authenticate", "decide", "secrets", "upstream", "audit", "total")
 DECISIONS = ("allow", "deny", "none")
 OUTCOMES = ("succeeded", "upstream_error", "failed", "refused", "approval_pending", "queued")
-CACHE_RESULTS = ("hit", "miss", "shared")
+CACHE_RESULTS = ("hit", "refresh", "miss", "shared")
 CHILD_CACHE_SIZE = 4096
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
 NO_CAPABILITY = "(none)"
@@ -83,8 +83,9 @@ class PrometheusMetrics:
         r.register(self._stages)
         self._cache = Counter(
             "broker_secret_cache_lookups",
-            "Secret reads by cache result: hit, miss (read from Vault), shared (joined a read"
-            " in flight).",
+            "Secret reads by cache result: hit, refresh (a hit that started a background read"
+            " from Vault ahead of expiry), miss (the call waited for a read from Vault), shared"
+            " (the call joined a read in flight).",
             ["result"],
             registry=r,
         )

@@ -642,7 +642,8 @@ class Metrics(Protocol):
     def spend(self, capability: str, cost: float) -> None: ...
 
     def secret_cache(self, result: str) -> None:
-        """hit | miss | shared (joined a read already in flight)."""
+        """hit | refresh (a hit that started a background read ahead of expiry) | miss |
+        shared (joined a read already in flight)."""
 
     def audit(self, kind: str, *, ok: bool) -> None: ...
 

@@ -466,10 +466,13 @@ class VaultSecretStore:
         cached = self._cache.get(slot)
         now = time.monotonic()
         if cached is not None and cached.expires > now:
-            self._metrics.secret_cache("hit")
+            refreshing = False
             if cached.refresh <= now:
                 # Refresh ahead of expiry so steady traffic never waits for Vault.
-                self._start_load(mount, path)
+                refreshing = self._start_load(mount, path)[1]
+            # "refresh": a hit that also started the one background read (a Vault request
+            # that no call waits for); the metric tells those apart from misses.
+            self._metrics.secret_cache("refresh" if refreshing else "hit")
             return cached
         # Checked on a miss only: whatever is cached was read from a location that passed.
         _check_location(mount, path)

@@ -91,7 +91,7 @@ def test_metrics_endpoint_is_unauthenticated_and_starts_with_every_stage(
     assert running_broker.http("not-a-token").get("/metrics").status_code == 200
     for stage in STAGES:  # known series exist from the start, at zero
         assert (("broker_stage_duration_seconds_count", frozenset({("stage", stage)}))) in samples
-    for result in ("hit", "miss", "shared"):
+    for result in ("hit", "refresh", "miss", "shared"):
         assert ("broker_secret_cache_lookups_total", frozenset({("result", result)})) in samples
     assert "# TYPE broker_calls_total counter" in text
 
@@ -204,7 +204,7 @@ def test_concurrent_reads_of_one_secret_count_as_shared(
         for s in f.samples
         if s.name == "broker_secret_cache_lookups_total"
     }
-    assert samples == {"miss": 1.0, "shared": 2.0, "hit": 1.0}
+    assert samples == {"miss": 1.0, "shared": 2.0, "hit": 1.0, "refresh": 0.0}
     assert SECRET not in text and path not in text
 
 

@@ -20,9 +20,11 @@ from typing import Any
 import hvac.exceptions
 import pytest
 import requests.exceptions
+from prometheus_client.parser import text_string_to_metric_families
 
 from broker.devserver import DevVault, DevVaultError, find_bao
 from broker.errors import SecretUnavailable
+from broker.metrics import PrometheusMetrics
 from broker.ports import SecretStore, SecretValue
 from broker.vault import VaultSecretStore, translate
 from tests.support.openbao import MOUNT, PutSecret, unique_path, write_secret
@@ -617,7 +619,10 @@ def test_a_hit_late_in_the_ttl_refreshes_ahead_of_expiry(
     background read, so the entry is renewed (with the newest version) before it expires."""
     path = unique_path()
     write_secret(openbao, path, {"token": "v1"})
-    store = CountingStore(url=openbao.addr, token=openbao.root_token, cache_ttl=1.0)
+    metrics = PrometheusMetrics()
+    store = CountingStore(
+        url=openbao.addr, token=openbao.root_token, cache_ttl=1.0, metrics=metrics
+    )
     stores.append(store)
 
     async def scenario() -> list[tuple[str, int]]:
@@ -639,3 +644,12 @@ def test_a_hit_late_in_the_ttl_refreshes_ahead_of_expiry(
     # refreshed entry, before the first one expired. t=1.15: still the refreshed entry.
     assert [v for v, _ in seen] == ["v1", "v1", "v1", "v2", "v2"]
     assert [n for _, n in seen] == [1, 1, 1, 2, 2]
+    # The metric tells the background read from a miss: Vault requests = miss + refresh, and
+    # only the miss made a call wait (bench/gateway.py reports the two apart).
+    lookups = {
+        s.labels["result"]: s.value
+        for f in text_string_to_metric_families(metrics.exposition()[0].decode())
+        for s in f.samples
+        if s.name == "broker_secret_cache_lookups_total"
+    }
+    assert lookups == {"miss": 1.0, "refresh": 1.0, "hit": 3.0, "shared": 0.0}
