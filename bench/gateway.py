@@ -1,15 +1,21 @@
-"""The broker against two fixed references, under closed-loop keep-alive load. Numbers, not a test.
+"""The broker against three references, under closed-loop keep-alive load. Numbers, not a test.
 
 Starts, on loopback, each in its own process: a minimal upstream (uvicorn), OpenBao (dev, with a
 counting relay in front of it), the broker (`broker serve`, SQLite, every
-audit record durable before the reply), and a bare pass-through proxy (a plain ASGI app on
-uvicorn forwarding with aiohttp and adding the same Authorization header, no broker logic).
+audit record durable before the reply), a bare pass-through proxy (a plain ASGI app on
+uvicorn forwarding with aiohttp and adding the same Authorization header, no broker logic), and
+a durable proxy: the bare proxy plus the two records each broker call makes durable (one before
+the upstream is called, one before the answer goes back) in the broker's own audit table, on
+the same disk, committed the way the broker commits them (Ledger). It is the floor under a
+broker that keeps its audit durable before the reply in SQLite (WAL, synchronous=FULL): two
+commits a call that nothing else in the pipeline can overlap.
 
-Then drives, alternating the targets round by round: the upstream directly, the proxy and the
-broker, at concurrency 1 and 16, with a closed-loop load generator (each worker sends its next
+Then drives, alternating the targets round by round: the upstream directly, the two proxies and
+the broker, at concurrency 1 and 16, with a closed-loop load generator (each worker sends its next
 request when the last answer arrived, over one keep-alive connection). It prints p50/p99 latency
-and calls/s per target, the broker's added latency over the direct call and its throughput
-relative to the proxy, and how many Vault requests the broker made in the steady state. With
+and calls/s per target, the added latency over the direct call and the broker's throughput
+relative to each proxy, and how many Vault requests the broker made in the steady state (and
+how many of them were background refreshes no call waited for). With
 --micro it also runs bench/policy.py, audit.py and shape.py (decision, audit and answer-shaping
 micro-benchmarks).
 Results go to a JSON file as well.
@@ -98,6 +104,114 @@ def proxy_app(upstream: str) -> Callable[..., Awaitable[None]]:
     return app
 
 
+class Ledger:
+    """The floor under the broker's audit: two durable records a call, nothing else.
+
+    Rows go into the broker's own audit table (its migrations, so the same indexes) in a
+    SQLite file with WAL and synchronous=FULL, as the broker's do, with a hash chain. Like the
+    broker, a lone call commits its record itself on the event loop's thread, concurrent ones
+    are group-committed by one writer thread, and the WAL is checkpointed by that thread every
+    CHECKPOINT_EVERY records, never by a call's commit.
+    """
+
+    CHECKPOINT_EVERY = 100
+
+    def __init__(self, path: Path) -> None:
+        import queue
+        import sqlite3
+
+        import sqlalchemy as sa
+
+        from broker import db
+
+        engine = sa.create_engine(f"sqlite:///{path}")
+        db.migrate(engine)
+        engine.dispose()
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA wal_autocheckpoint=0")
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[tuple[tuple[Any, ...], asyncio.Future[None]] | None]
+        self._queue = queue.SimpleQueue()
+        self._seq, self._head, self._checkpointed = 0, "0" * 64, 0
+        self.in_flight = 0
+        threading.Thread(target=self._writer, daemon=True).start()
+
+    async def write(self, kind: str, call_id: str) -> None:
+        data = json.dumps({"args": {}, "secrets": [], "detail": {"kind": kind}})
+        row = (call_id, time.strftime("%Y-%m-%dT%H:%M:%SZ"), kind, "agent", "bench.echo", data)
+        if self.in_flight == 1 and self._lock.acquire(blocking=False):
+            try:
+                self._commit([row])
+            finally:
+                self._lock.release()
+            if self._seq - self._checkpointed >= self.CHECKPOINT_EVERY:
+                self._queue.put(None)  # the writer checkpoints, off this call's path
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put((row, future))
+        await future
+
+    def _writer(self) -> None:
+        while True:
+            got = [self._queue.get()]
+            while not self._queue.empty():
+                got.append(self._queue.get())
+            items = [item for item in got if item is not None]
+            with self._lock:
+                if items:
+                    self._commit([row for row, _ in items])
+                if self._seq - self._checkpointed >= self.CHECKPOINT_EVERY:
+                    self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    self._checkpointed = self._seq
+            for _, future in items:
+                future.get_loop().call_soon_threadsafe(future.set_result, None)
+
+    def _commit(self, rows: list[tuple[Any, ...]]) -> None:
+        import hashlib
+
+        stored = []
+        for row in rows:
+            self._seq += 1
+            prev, self._head = self._head, hashlib.sha256(repr((row, self._head)).encode())
+            self._head = self._head.hexdigest()
+            stored.append(("bench", self._seq, secrets.token_hex(16), *row, prev, self._head))
+        self._db.execute("BEGIN")
+        self._db.executemany(
+            "INSERT INTO audit_events (chain_id, seq, event_id, call_id, time, kind, agent_id,"
+            " capability, data, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            stored,
+        )
+        self._db.execute("COMMIT")
+
+
+def durable_proxy_app(upstream: str, ledger: Ledger) -> Callable[..., Awaitable[None]]:
+    """The bare proxy plus the two records the broker must make durable: one before the
+    upstream is called, one before the answer goes back."""
+    forward = proxy_app(upstream)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await forward(scope, receive, send)
+            return
+        call_id = secrets.token_hex(10)
+        ledger.in_flight += 1
+        try:
+            await ledger.write("call.started", call_id)
+
+            async def finish_then_send(message: dict[str, Any]) -> None:
+                if message["type"] == "http.response.start":
+                    await ledger.write("call.finished", call_id)
+                await send(message)
+
+            await forward(scope, receive, finish_then_send)
+        finally:
+            ledger.in_flight -= 1
+
+    return app
+
+
 async def _drain(receive: Any) -> None:
     while True:
         message = await receive()
@@ -122,6 +236,8 @@ def serve(kind: str, port: int, upstream: str) -> None:
 
     if kind == "upstream":
         app = upstream_app(answer_body(int(os.environ.get("BENCH_ANSWER_ITEMS", "0"))))
+    elif kind == "durable":
+        app = durable_proxy_app(upstream, Ledger(Path(os.environ["BENCH_LEDGER"])))
     else:
         app = proxy_app(upstream)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
@@ -328,13 +444,18 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp_name, DevVault() as vault:
         tmp = Path(tmp_name)
         try:
-            up_port, proxy_port = free_port(), free_port()
+            up_port, proxy_port, durable_port = free_port(), free_port(), free_port()
             upstream = f"http://127.0.0.1:{up_port}/"
             answer = {**os.environ, "BENCH_ANSWER_ITEMS": str(options.answer_items)}
             procs.append(spawn([__file__, "--serve", "upstream", str(up_port), upstream], answer))
             procs.append(spawn([__file__, "--serve", "proxy", str(proxy_port), upstream]))
+            ledger = {**os.environ, "BENCH_LEDGER": str(tmp / "ledger.db")}  # the broker's disk
+            procs.append(
+                spawn([__file__, "--serve", "durable", str(durable_port), upstream], ledger)
+            )
             wait_ready(upstream)
             wait_ready(f"http://127.0.0.1:{proxy_port}/")
+            wait_ready(f"http://127.0.0.1:{durable_port}/")
             write_secrets(vault.addr, vault.root_token, {"bench": {"token": SECRET}})
             counter = VaultCounter(vault.addr).start()
             proc, where = start_broker(
@@ -348,6 +469,9 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
                 Target("direct", "GET", upstream, {}, b""),
                 Target("proxy", "POST", f"http://127.0.0.1:{proxy_port}/", json_headers, invoke),
                 Target(
+                    "durable", "POST", f"http://127.0.0.1:{durable_port}/", json_headers, invoke
+                ),
+                Target(
                     "broker",
                     "POST",
                     f"{broker_url}/v1/capabilities/bench.echo/invoke",
@@ -355,7 +479,8 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
                     invoke,
                 ),
             ]
-            targets[0].pid, targets[1].pid, targets[-1].pid = procs[0].pid, procs[1].pid, proc.pid
+            for target, process in zip(targets, [*procs[:3], proc], strict=True):
+                target.pid = process.pid
             return asyncio.run(measure(targets, options, counter))
         finally:
             for p in procs:
@@ -453,10 +578,13 @@ def summarise(rows: list[dict[str, Any]], levels: list[int]) -> dict[str, float]
         f"added_p50_ms_c{low}": added("broker", "p50_ms"),
         f"added_p99_ms_c{low}": added("broker", "p99_ms"),
         f"proxy_added_p50_ms_c{low}": added("proxy", "p50_ms"),
+        f"durable_added_p50_ms_c{low}": added("durable", "p50_ms"),
     }
     for level in levels:
-        broker, proxy = at["broker", level]["calls_per_s"], at["proxy", level]["calls_per_s"]
-        out[f"broker_over_proxy_throughput_c{level}"] = round(broker / proxy, 3)
+        broker = at["broker", level]["calls_per_s"]
+        for ref in ("proxy", "durable"):
+            ratio = broker / at[ref, level]["calls_per_s"]
+            out[f"broker_over_{ref}_throughput_c{level}"] = round(ratio, 3)
     return out
 
 
