@@ -59,7 +59,7 @@ def event(i: int) -> AuditEvent:
 
 
 async def throughput(log: SqlAuditLog, records: int, concurrency: int) -> float:
-    per_task = records // concurrency
+    per_task = max(1, records // concurrency)  # at least one record per appender
 
     async def worker(w: int) -> None:
         for i in range(per_task):
