@@ -6,12 +6,14 @@ and the durable reference really makes its records durable in a chain."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
 import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -46,10 +48,12 @@ def load_gateway() -> ModuleType:
 
 def test_the_gateway_bench_prints_the_table_and_writes_the_json(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
-    stdout = run_bench("gateway.py", "--seconds", "0.3", "--rounds", "1", "--json", str(out))
+    # Concurrency 4, not 16: four servers and the load share two cores with the other tests.
+    args = ("--seconds", "0.3", "--rounds", "1", "--concurrency", "1,4", "--json", str(out))
+    stdout = run_bench("gateway.py", *args)
     result: dict[str, Any] = json.loads(out.read_text())
     rows = {(r["target"], r["concurrency"]): r for r in result["rows"]}
-    assert set(rows) == {(t, c) for t in TARGETS for c in (1, 16)}
+    assert set(rows) == {(t, c) for t in TARGETS for c in (1, 4)}
     for (target, concurrency), row in rows.items():
         assert row["calls"] > 0, (target, concurrency)
         # The table shows the same figures as the file.
@@ -57,13 +61,15 @@ def test_the_gateway_bench_prints_the_table_and_writes_the_json(tmp_path: Path) 
         assert line in stdout
     assert result["errors"] == dict.fromkeys(TARGETS, 0)  # every call of every target was a 200
     # The relay sees the broker's first read of the secret, and no call waited for Vault later.
+    # (This run is shorter than the secret's refresh point, so it sees no refresh either; that
+    # a refresh is told from a miss is tested in test_vault.py.)
     assert result["vault_reads_warm_up"] >= 1
     assert result["calls_waiting_for_vault"] == 0
-    assert 0 <= result["vault_background_refreshes"] <= result["vault_reads_steady_state"]
+    assert result["vault_background_refreshes"] == result["vault_reads_steady_state"]
     summary = result["summary"]
-    for key in ("added_p50_ms_c1", "durable_added_p50_ms_c1", "broker_over_durable_throughput_c16"):
+    for key in ("added_p50_ms_c1", "durable_added_p50_ms_c1", "broker_over_durable_throughput_c4"):
         assert key in summary and f"{key:38}" in stdout
-    assert set(result["broker_stage_ms"]["16"]) >= {"authenticate", "decide", "upstream", "audit"}
+    assert set(result["broker_stage_ms"]["4"]) >= {"authenticate", "decide", "upstream", "audit"}
 
 
 def test_the_durable_reference_commits_a_chain_of_records(tmp_path: Path) -> None:
@@ -71,6 +77,14 @@ def test_the_durable_reference_commits_a_chain_of_records(tmp_path: Path) -> Non
     synchronous=FULL in the broker's audit table, one row per record, chained, lone or grouped."""
     gateway = load_gateway()
     ledger = gateway.Ledger(tmp_path / "ledger.db")
+    commits: list[tuple[bool, int]] = []  # (on the test's own thread?, rows in the commit)
+    commit, here = ledger._commit, threading.get_ident()
+
+    def watched(rows: list[Any]) -> None:
+        commits.append((threading.get_ident() == here, len(rows)))
+        commit(rows)
+
+    ledger._commit = watched
 
     async def calls() -> None:
         ledger.in_flight = 1  # a lone call commits on the loop's thread
@@ -85,8 +99,17 @@ def test_the_durable_reference_commits_a_chain_of_records(tmp_path: Path) -> Non
         await asyncio.gather(*(call(i) for i in range(60)))
 
     asyncio.run(calls())
-    assert ledger._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
-    with sqlite3.connect(tmp_path / "ledger.db") as db:
+    try:
+        assert ledger._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    finally:
+        ledger.close()
+    # The lone records were committed on the caller's thread, one each; the concurrent ones by
+    # the writer thread, grouped (60 calls at once cannot all have gone one by one).
+    assert commits[:3] == [(True, 1)] * 3
+    grouped = commits[3:]
+    assert all(not mine for mine, _ in grouped) and sum(n for _, n in grouped) == 120
+    assert max(n for _, n in grouped) > 1
+    with contextlib.closing(sqlite3.connect(tmp_path / "ledger.db")) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         rows = db.execute(
             "SELECT seq, call_id, kind, prev_hash, hash FROM audit_events ORDER BY seq"

@@ -640,7 +640,7 @@ def test_a_hit_late_in_the_ttl_refreshes_ahead_of_expiry(
         return seen
 
     seen = asyncio.run(scenario())
-    # t=0: miss. t=0.5: hit. t=0.85: hit (old value) that starts the refresh. t=0.95: the
+    # t=0: miss. t=0.3: hit. t=0.85: hit (old value) that starts the refresh. t=0.95: the
     # refreshed entry, before the first one expired. t=1.15: still the refreshed entry.
     assert [v for v, _ in seen] == ["v1", "v1", "v1", "v2", "v2"]
     assert [n for _, n in seen] == [1, 1, 1, 2, 2]
@@ -653,3 +653,34 @@ def test_a_hit_late_in_the_ttl_refreshes_ahead_of_expiry(
         if s.name == "broker_secret_cache_lookups_total"
     }
     assert lookups == {"miss": 1.0, "refresh": 1.0, "hit": 3.0, "shared": 0.0}
+
+
+def test_hits_while_a_refresh_is_in_flight_count_as_hits(
+    openbao: DevVault, stores: list[VaultSecretStore]
+) -> None:
+    """One background read however many late hits arrive while it runs: the first late hit
+    counts as the refresh, the others as hits, and Vault sees two reads in all."""
+    path = unique_path()
+    write_secret(openbao, path, {"token": "v1"})
+    metrics = PrometheusMetrics()
+    store = CountingStore(
+        url=openbao.addr, token=openbao.root_token, cache_ttl=1.0, delay=0.3, metrics=metrics
+    )
+    stores.append(store)
+
+    async def scenario() -> int:
+        await store.read(MOUNT, path, "token")  # miss; the entry's life starts as it returns
+        await asyncio.sleep(0.88)  # past the refresh point (0.8 s), before expiry (1 s)
+        late = await asyncio.gather(*(store.read(MOUNT, path, "token") for _ in range(3)))
+        assert [s.value for s in late] == ["v1"] * 3  # answered from the cache, not waited for
+        await asyncio.sleep(0.4)  # the refresh (held 0.3 s) lands
+        return store.reads
+
+    assert asyncio.run(scenario()) == 2
+    lookups = {
+        s.labels["result"]: s.value
+        for f in text_string_to_metric_families(metrics.exposition()[0].decode())
+        for s in f.samples
+        if s.name == "broker_secret_cache_lookups_total"
+    }
+    assert lookups == {"miss": 1.0, "refresh": 1.0, "hit": 2.0, "shared": 0.0}
