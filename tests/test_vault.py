@@ -612,6 +612,16 @@ def test_dev_server_start_failure_is_reported_without_secrets() -> None:
     assert not vault.running
 
 
+def cache_lookups(metrics: PrometheusMetrics) -> dict[str, float]:
+    """The secret cache's lookup counters by result, as /metrics shows them."""
+    return {
+        s.labels["result"]: s.value
+        for f in text_string_to_metric_families(metrics.exposition()[0].decode())
+        for s in f.samples
+        if s.name == "broker_secret_cache_lookups_total"
+    }
+
+
 def test_a_hit_late_in_the_ttl_refreshes_ahead_of_expiry(
     openbao: DevVault, stores: list[VaultSecretStore]
 ) -> None:
@@ -646,12 +656,7 @@ def test_a_hit_late_in_the_ttl_refreshes_ahead_of_expiry(
     assert [n for _, n in seen] == [1, 1, 1, 2, 2]
     # The metric tells the background read from a miss: Vault requests = miss + refresh, and
     # only the miss made a call wait (bench/gateway.py reports the two apart).
-    lookups = {
-        s.labels["result"]: s.value
-        for f in text_string_to_metric_families(metrics.exposition()[0].decode())
-        for s in f.samples
-        if s.name == "broker_secret_cache_lookups_total"
-    }
+    lookups = cache_lookups(metrics)
     assert lookups == {"miss": 1.0, "refresh": 1.0, "hit": 3.0, "shared": 0.0}
 
 
@@ -677,10 +682,5 @@ def test_hits_while_a_refresh_is_in_flight_count_as_hits(
         return store.reads
 
     assert asyncio.run(scenario()) == 2
-    lookups = {
-        s.labels["result"]: s.value
-        for f in text_string_to_metric_families(metrics.exposition()[0].decode())
-        for s in f.samples
-        if s.name == "broker_secret_cache_lookups_total"
-    }
+    lookups = cache_lookups(metrics)
     assert lookups == {"miss": 1.0, "refresh": 1.0, "hit": 2.0, "shared": 0.0}
