@@ -32,10 +32,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
+import queue
 import secrets
 import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -54,7 +57,7 @@ SECRET = "bench-secret-value"
 BODY = b'{"ok":true,"items":[1,2,3]}'
 
 
-# --- the two reference servers (run in child processes) -----------------------------------
+# --- the upstream and the reference servers (run in child processes) ----------------------
 
 
 def upstream_app(body: bytes) -> Callable[..., Awaitable[None]]:
@@ -122,9 +125,6 @@ class Ledger:
     )
 
     def __init__(self, path: Path) -> None:
-        import queue
-        import sqlite3
-
         import sqlalchemy as sa
 
         from broker import db
@@ -191,8 +191,6 @@ class Ledger:
             future.get_loop().call_soon_threadsafe(_settle, future, error)
 
     def _commit(self, rows: list[tuple[Any, ...]]) -> None:
-        import hashlib
-
         seq, head, stored = self._seq, self._head, []
         for row in rows:
             seq += 1
