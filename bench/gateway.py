@@ -57,7 +57,7 @@ SECRET = "bench-secret-value"
 BODY = b'{"ok":true,"items":[1,2,3]}'
 
 
-# --- the upstream and the reference servers (run in child processes) ----------------------
+# --- the upstream and the reference servers (run in child processes) ------------------------
 
 
 def upstream_app(body: bytes) -> Callable[..., Awaitable[None]]:
